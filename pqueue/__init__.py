@@ -1,0 +1,44 @@
+"""pqueue: an embedded, crash-safe, disk-backed task queue (segmented CRC32C log + LMDB index)."""
+
+from .consumer import Consumer
+from .errors import (
+    ClosedError,
+    CorruptRecordError,
+    DiskFullError,
+    Empty,
+    FormatVersionError,
+    Full,
+    LockTimeout,
+    NotAQueueError,
+    QueueError,
+    ReadOnlyError,
+    RecordTooLargeError,
+    SerializationError,
+)
+from .message import Message
+from .queue import Queue
+from .record import FORMAT_VERSION
+from .serializers import Serializer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FORMAT_VERSION",
+    "ClosedError",
+    "Consumer",
+    "CorruptRecordError",
+    "DiskFullError",
+    "Empty",
+    "FormatVersionError",
+    "Full",
+    "LockTimeout",
+    "Message",
+    "NotAQueueError",
+    "Queue",
+    "QueueError",
+    "ReadOnlyError",
+    "RecordTooLargeError",
+    "SerializationError",
+    "Serializer",
+    "__version__",
+]

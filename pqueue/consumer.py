@@ -1,0 +1,355 @@
+"""Consumer: one consumer group's view of a queue, for one Queue handle.
+
+A consumer leases messages from the index in batches (prefetch), hands them out one by one,
+and folds acks into the next lease transaction or a short timer, because every durable LMDB
+commit costs about 390 µs (notes/hotpath.md goal 3). The prefetch size adapts so a batch lasts
+about PREFETCH_TARGET_SECONDS of consumption: fast loops lease hundreds at once, slow handlers
+lease few, so other consumers of the group are not starved and leases do not run out unused.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from .errors import ClosedError, CorruptRecordError, Empty, SerializationError
+from .index import Grant, GroupState, owner_token
+from .log import Position, ReadResult
+from .message import Message
+from .record import ATTR_EXPIRES, ATTR_NOT_BEFORE
+
+if TYPE_CHECKING:
+    from .queue import Queue
+
+log = logging.getLogger(__name__)
+
+PREFETCH_MAX = 256  # messages leased per transaction at most
+PREFETCH_TARGET_SECONDS = 0.05  # a batch should last about this long
+ACK_BATCH = 256  # commit pending acks once this many are waiting
+POLL_MIN_SECONDS = 0.0005  # a blocked get() polls for other processes' puts from this often ...
+POLL_MAX_SECONDS = 0.02  # ... backing off to this
+REAP_SECONDS = 5.0  # look for leases of dead processes this often
+
+_handle_ids = itertools.count(1)
+
+
+def check_timeout(timeout: float | None) -> None:
+    if timeout is not None and (not isinstance(timeout, (int, float)) or timeout < 0):
+        raise ValueError("'timeout' must be a non-negative number")
+
+
+class Consumer:
+    """Delivers the messages of one consumer group; thread-safe.
+
+    Every group sees every message. Within a group, a message is leased to one consumer at a
+    time (across processes); a lease that runs out (the holder died or took longer than
+    `lease` seconds) makes it deliverable again with a higher attempt.
+    """
+
+    def __init__(self, queue: Queue, group: str, *, lease: float, ack_interval: float) -> None:
+        if not isinstance(group, str) or not group:
+            raise ValueError("a consumer group name must be a non-empty string")
+        self._queue = queue
+        self.group = group
+        self._lease_ms = int(lease * 1000)
+        self._ack_interval = ack_interval
+        # _lock guards everything below: the prefetch buffer, handed-out messages and pending acks.
+        self._lock = threading.RLock()
+        self._buffer: collections.deque[Grant] = collections.deque()
+        self._held: dict[int, Message] = {}
+        self._pending: list[int] = []
+        self._skips: list[tuple[int, int]] = []
+        self._batch = 1
+        self._batch_started = 0.0
+        self._next_reap = 0.0
+        self._state: GroupState = self._create_group()
+        self._flush_event = threading.Event()
+        self._flusher: threading.Thread | None = None
+        self._closed = False
+        self._reset_owner()
+
+    def _reset_owner(self) -> None:
+        pid, start = owner_token()
+        self._owner = [pid, start, next(_handle_ids)]
+
+    def _create_group(self) -> GroupState:
+        log_ = self._queue._log
+        pos, offset = log_.first_position()
+        return self._queue._index.group(self.group, (pos.segment, offset))
+
+    # ------------------------------------------------------------------ get
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Message:
+        """Lease and return the next message of this group.
+
+        Args:
+            block: wait for a message; False raises Empty at once when none is ready.
+            timeout: with block, wait at most this many seconds (None: forever).
+        Raises:
+            Empty: nothing to deliver in time (a `queue.Empty`).
+            CorruptRecordError: damage was found and the queue has on_corruption="raise".
+            SerializationError: a record written with a serializer this handle lacks.
+        """
+        check_timeout(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        poll = POLL_MIN_SECONDS
+        while True:
+            msg = self._take()
+            if msg is not None:
+                return msg
+            if self._fill():
+                poll = POLL_MIN_SECONDS
+                continue
+            if not block:
+                raise Empty(f"no message ready in group {self.group!r}")
+            wait = poll
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise Empty(f"no message in group {self.group!r} within {timeout} s")
+                wait = min(wait, remaining)
+            self._queue._wait_for_arrival(wait)
+            poll = min(poll * 2, POLL_MAX_SECONDS)
+
+    def _take(self) -> Message | None:
+        """Hand out the next prefetched message whose lease is still good."""
+        with self._lock:
+            self._check_open()
+            while self._buffer:
+                grant = self._buffer.popleft()
+                now_ms = time.time() * 1000
+                if grant.deadline_ms <= now_ms:
+                    continue  # the lease ran out before hand-out: the index will reclaim it
+                msg = self._to_message(grant)
+                if msg is None:
+                    continue
+                self._held[grant.offset] = msg
+                return msg
+        return None
+
+    def _to_message(self, grant: Grant) -> Message | None:
+        rec = grant.record
+        attrs = rec.attrs
+        if attrs:
+            expires = attrs.get(ATTR_EXPIRES)
+            if expires is not None and expires <= time.time():
+                self._queue._dead_letter(self, grant, reason="expired", error=None)
+                return None
+        try:
+            data = self._queue._decode(rec.codec, rec.payload)
+        except SerializationError as exc:
+            if rec.codec == self._queue._codec.codec:
+                # CRC-valid bytes that do not decode with their own codec: never hand them out.
+                self._queue._dead_letter(self, grant, reason="undecodable", error=exc)
+                return None
+            self._hand_back([grant])
+            raise
+        return Message(self, grant.offset, data, rec.timestamp_ns / 1e9, grant.attempt, grant.seg,
+                       grant.pos, grant.deadline_ms, rec.codec, rec.payload, attrs)
+
+    def _fill(self) -> bool:
+        """Lease more messages (one transaction); False when there is nothing to lease now."""
+        with self._lock:
+            self._check_open()
+            if self._buffer:
+                return True
+            now = time.monotonic()
+            if now >= self._next_reap:
+                self._next_reap = now + REAP_SECONDS
+                self._queue._index.reap_dead_owners(self.group)
+            if not self._pending and not self._skips and not self._maybe_ready():
+                return False
+            want = self._next_batch_size(now)
+            grants, self._state = self._queue._index.exchange(
+                self.group, self._owner, acks=self._pending, skips=self._skips, want=want,
+                lease_ms=self._lease_ms, read=self._read)
+            self._pending = []
+            self._skips = []
+            self._batch = want
+            self._batch_started = now
+            self._buffer.extend(grants)
+        self._queue._after_commit(self._state)
+        return bool(grants)
+
+    def _next_batch_size(self, now: float) -> int:
+        if not self._batch_started:
+            return 1
+        elapsed = max(now - self._batch_started, 1e-6)
+        rate = self._batch / elapsed
+        return max(1, min(PREFETCH_MAX, int(rate * PREFETCH_TARGET_SECONDS), self._batch * 4))
+
+    def _maybe_ready(self) -> bool:
+        """Cheap check before a write transaction: new records, or something due."""
+        state = self._queue._index.peek(self.group)
+        if state is None:
+            return False
+        self._state = state
+        if self._queue._log.has_data_after(Position(state.dispatch_seg, state.dispatch_pos)):
+            return True
+        due = self._queue._index.next_due_ms(state)
+        return due is not None and due <= time.time() * 1000
+
+    def _read(self, seg: int, pos: int, offset: int, max_records: int) -> ReadResult:
+        result = self._queue._log.read(Position(seg, pos), offset, max_records)
+        if self._queue.on_corruption == "raise":
+            for d in result.damage:
+                if d.length:
+                    raise CorruptRecordError(self._queue._log.segment_path(d.segment), d.pos, d.reason)
+        for d in result.damage:
+            if d.length:
+                log.warning("%s: group %r skipped offsets %d..%d: %s (bytes copied to quarantine/)",
+                            self._queue.path, self.group, d.first_offset, d.next_offset - 1, d.reason)
+        return result
+
+    # ------------------------------------------------------------------ ack / nack
+
+    def ack(self, msg: Message) -> None:
+        """Mark `msg` done for this group. Batched: durable within `ack_interval` seconds."""
+        if msg._consumer is not self:
+            msg._consumer.ack(msg)
+            return
+        with self._lock:
+            self._check_open()
+            if self._held.pop(msg.offset, None) is None:
+                return  # acked already (acks are idempotent)
+            self._pending.append(msg.offset)
+            n = len(self._pending)
+        if self._ack_interval <= 0 or n >= ACK_BATCH:
+            self.flush()
+        elif n == 1:
+            self._start_flusher()
+
+    def nack(self, msg: Message, *, delay: float = 0.0) -> None:
+        """Hand `msg` back to be delivered again (attempt + 1), not before `delay` seconds."""
+        if not isinstance(delay, (int, float)) or delay < 0:
+            raise ValueError("'delay' must be a non-negative number of seconds")
+        if msg._consumer is not self:
+            msg._consumer.nack(msg, delay=delay)
+            return
+        with self._lock:
+            self._check_open()
+            if self._held.pop(msg.offset, None) is None:
+                return
+            due = int((time.time() + delay) * 1000)
+            _grants, self._state = self._queue._index.exchange(
+                self.group, self._owner, acks=self._pending, skips=self._skips,
+                nacks=[(msg.offset, msg._seg, msg._pos, due, True)])
+            self._pending = []
+            self._skips = []
+        self._queue._notify_arrival()
+
+    def settle(self, msg: Message) -> None:
+        """Forget `msg` locally without an ack (it was dead-lettered and acked by offset)."""
+        with self._lock:
+            self._held.pop(msg.offset, None)
+
+    def ack_offset(self, offset: int) -> None:
+        with self._lock:
+            self._pending.append(offset)
+        self.flush()
+
+    def flush(self) -> None:
+        """Make every pending ack of this consumer durable now."""
+        with self._lock:
+            if self._closed or (not self._pending and not self._skips):
+                return
+            _grants, self._state = self._queue._index.exchange(
+                self.group, self._owner, acks=self._pending, skips=self._skips)
+            self._pending = []
+            self._skips = []
+        self._queue._after_commit(self._state)
+
+    def _start_flusher(self) -> None:
+        if self._flusher is None or not self._flusher.is_alive():
+            self._flusher = threading.Thread(target=self._flush_loop, name=f"pqueue-acks:{self.group}",
+                                             daemon=True)
+            self._flusher.start()
+        self._flush_event.set()
+
+    def _flush_loop(self) -> None:
+        while not self._closed:
+            self._flush_event.wait()
+            self._flush_event.clear()
+            if self._closed:
+                return
+            time.sleep(self._ack_interval)
+            try:
+                self.flush()
+            except Exception:
+                log.exception("%s: committing acks of group %r failed; they will be retried",
+                              self._queue.path, self.group)
+
+    # ------------------------------------------------------------------ queries
+
+    def qsize(self) -> int:
+        """Messages of this group not yet acked (this handle's own acks count at once)."""
+        counts = self._queue._index.counts(self.group)
+        if counts is None:
+            return 0
+        end = self._queue._log.tail_offset()
+        with self._lock:
+            local = len(self._pending)
+        return max(0, end - counts.committed - counts.acked_above - local)
+
+    def empty(self) -> bool:
+        return self.qsize() == 0
+
+    def status(self, offset: int) -> str:
+        with self._lock:
+            if offset in self._pending:
+                return "done"
+        state = self._queue._index.status(self.group, offset)
+        return state or "pending"
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def _hand_back(self, grants: list[Grant]) -> None:
+        now_ms = int(time.time() * 1000)
+        self._queue._index.exchange(self.group, self._owner,
+                                    nacks=[(g.offset, g.seg, g.pos, now_ms, False) for g in grants])
+
+    def close(self) -> None:
+        """Commit pending acks and hand back every lease (prefetched or held), uncharged."""
+        with self._lock:
+            if self._closed:
+                return
+            now_ms = int(time.time() * 1000)
+            nacks = [(g.offset, g.seg, g.pos, now_ms, False) for g in self._buffer]
+            nacks += [(m.offset, m._seg, m._pos, now_ms, False) for m in self._held.values()]
+            if nacks or self._pending or self._skips:
+                _g, self._state = self._queue._index.exchange(
+                    self.group, self._owner, acks=self._pending, skips=self._skips, nacks=nacks)
+            self._buffer.clear()
+            self._held.clear()
+            self._pending = []
+            self._closed = True
+        self._flush_event.set()
+
+    def after_fork_in_child(self) -> None:
+        """The parent owns the leases: forget them here and take a new owner identity."""
+        self._lock = threading.RLock()
+        self._buffer.clear()
+        self._held.clear()
+        self._pending = []
+        self._skips = []
+        self._flusher = None
+        self._flush_event = threading.Event()
+        self._batch_started = 0.0
+        self._reset_owner()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError(f"consumer {self.group!r} of {self._queue.path} is closed")
+
+    def __repr__(self) -> str:
+        return f"<Consumer {self.group!r} of {self._queue.path!r}>"
+
+    def _info(self) -> dict[str, Any]:
+        return {"group": self.group, "held": len(self._held), "prefetched": len(self._buffer)}
+
+
+__all__ = ["Consumer", "check_timeout", "ATTR_NOT_BEFORE"]

@@ -1,0 +1,985 @@
+"""The segmented log: append under the OS write lock, roll, recover, fsync policies, retention.
+
+Writers in any number of processes append to the newest segment. Appends are serialized by
+``fcntl.flock`` on ``write.lock``. A process holds that lock across a burst of appends (taking
+it for every put would cost two syscalls, notes/hotpath.md goal 1) and gives it up when it has
+been idle for ``IDLE_RELEASE_SECONDS`` or when another process asks for it through the waiter
+byte mapped from ``write.lock`` (checked every ``HANDOFF_CHECK_PUTS`` puts). Whoever takes the
+lock learns other processes' appends with one ``lseek(SEEK_END)`` and, if the file grew, a
+scan of the new bytes (following SEAL trailers into newer segments).
+
+Fsync policies (``FsyncPolicy``):
+
+* ``always``: `append` returns only after an fdatasync covering its record. Concurrent
+  appenders share one fsync (group commit): a leader syncs while the others wait; before it
+  syncs, the leader yields as long as new writes keep arriving (at most 200 µs) so the threads
+  released by the previous sync are covered by this one.
+* interval (default): a background thread fsyncs within ``interval`` seconds of the first
+  unsynced write; an append that leaves ``every`` records unsynced syncs at once itself.
+* ``never``: the OS decides; segments are still fsynced when sealed and on close.
+
+Recovery: opening as a writer scans only from the recovery point (the last position known to
+be fsynced, kept in the index) to the end of the newest segment. A torn or garbage tail is
+copied to ``quarantine/`` and truncated; damage followed by valid records is rot, not a tail,
+and is left for readers to skip. If the index has handed out offsets beyond the end of the
+recovered log (a power loss cut the tail), the next records start above them: offsets are
+never reused.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import mmap
+import os
+import re
+import struct
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from crc32c import crc32c
+
+from . import segment
+from .errors import DiskFullError, QueueError, ReadOnlyError, RecordTooLargeError
+from .record import (
+    SEGMENT_HEADER_BYTES,
+    Record,
+    Seal,
+    encode_record,
+    encode_seal,
+    find_resync,
+)
+
+log = logging.getLogger(__name__)
+_pack_body = struct.Struct("<IQQBBH").pack  # the record header after its CRC field
+_pack_crc = struct.Struct("<I").pack
+_time_ns = time.time_ns
+
+IDLE_RELEASE_SECONDS = 0.002  # give up the write lock after 2 ms without an append
+HANDOFF_CHECK_PUTS = 64  # look at the waiter byte every 64 appends (costs one mmap read)
+HANDOFF_BACKOFF_SECONDS = 0.0002  # after handing the lock over, let the waiter take it first
+WAITER_POLL_SECONDS = 0.0001  # a waiting writer polls the lock this often ...
+WAITER_POLL_LIMIT_SECONDS = 0.05  # ... for at most 50 ms, then blocks in flock()
+GATHER_SECONDS = 0.0002  # group-commit leader waits at most 200 µs for more writers
+RECOVERY_POINT_SECONDS = 1.0  # persist the recovery point at most once a second
+RESYNC_WINDOW_BYTES = 4 << 20  # look this far past damage for the next valid record
+RESYNC_CANDIDATES = 4096  # offsets tried when stepping over damage
+LOCK_FILE_BYTES = 8  # write.lock: byte 0 is the "a writer is waiting" flag
+
+
+@dataclass(frozen=True)
+class FsyncPolicy:
+    """When appended records are fsynced. `mode` is "always", "interval" or "never"."""
+
+    mode: str
+    interval: float = 0.0  # seconds: the longest a record stays unsynced (interval mode)
+    every: int = 0  # records: the most records left unsynced (interval mode; 0 = no bound)
+
+    @classmethod
+    def parse(cls, spec: str | float | int | FsyncPolicy) -> FsyncPolicy:
+        """Accept "always", "never", "interval" (100 ms or 1000 records), a number of seconds,
+        or a string such as "50ms", "2s", "1000 records" or "50ms/1000"."""
+        if isinstance(spec, FsyncPolicy):
+            return spec
+        if isinstance(spec, bool):
+            raise TypeError("fsync must be 'always', 'never', 'interval' or a window such as '50ms'")
+        if isinstance(spec, (int, float)):
+            if spec <= 0:
+                raise ValueError("an fsync interval must be a positive number of seconds")
+            return cls("interval", float(spec), 0)
+        if not isinstance(spec, str):
+            raise TypeError(f"fsync must be a string or a number of seconds, not {type(spec).__name__}")
+        text = spec.strip().lower()
+        if text in ("always", "never"):
+            return cls(text)
+        if text == "interval":
+            return cls("interval", 0.1, 1000)
+        interval, every = 0.0, 0
+        for part in text.split("/"):
+            m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|records?)?\s*", part)
+            if not m:
+                raise ValueError(f"bad fsync policy {spec!r}: use 'always', 'never', 'interval', "
+                                 f"'50ms', '2s', '1000 records' or '50ms/1000'")
+            value, unit = float(m.group(1)), m.group(2) or ("records" if "." not in m.group(1) and
+                                                          "/" in text and interval else "s")
+            if unit.startswith("record"):
+                every = int(value)
+            else:
+                interval = value / 1000 if unit == "ms" else value
+        if interval <= 0 and every <= 0:
+            raise ValueError(f"bad fsync policy {spec!r}: the window must be positive")
+        return cls("interval", interval or 3600.0, every)
+
+    def describe(self) -> str:
+        if self.mode != "interval":
+            return self.mode
+        parts = [f"{self.interval * 1000:g}ms"]
+        if self.every:
+            parts.append(f"{self.every} records")
+        return "interval " + "/".join(parts)
+
+
+class Position(NamedTuple):
+    """A place in the log: segment base offset and byte position in that segment."""
+
+    segment: int
+    pos: int
+
+
+class Damage(NamedTuple):
+    """A span of bytes that is not valid records, with the offsets it swallowed."""
+
+    segment: int
+    pos: int
+    length: int
+    first_offset: int  # the first offset that is missing
+    next_offset: int  # the offset of the next readable record
+    reason: str
+
+
+class ReadResult(NamedTuple):
+    records: list[tuple[int, Record]]  # (segment base, record)
+    position: Position  # where the next read starts
+    next_offset: int
+    damage: list[Damage]
+
+
+RecoveryPoint = tuple[int, int, int]  # (segment base, byte position, next offset)
+
+
+def _is_space_error(exc: OSError) -> bool:
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+class Log:
+    """The segmented log of one queue directory, for one process.
+
+    Thread-safe. Appends from this process are serialized by ``_wlock``; across processes by
+    the flock on ``write.lock``. Readers use their own descriptors and never take either lock.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        segment_bytes: int,
+        fsync: FsyncPolicy,
+        max_record_bytes: int,
+        load_recovery_point: Callable[[], RecoveryPoint | None],
+        save_recovery_point: Callable[[RecoveryPoint], None],
+        min_next_offset: Callable[[], int],
+        on_append: Callable[[], None],
+    ) -> None:
+        self.path = path
+        self.log_dir = os.path.join(path, "log")
+        self.quarantine_dir = os.path.join(path, "quarantine")
+        self.segment_bytes = segment_bytes
+        self.fsync = fsync
+        self.max_record_bytes = max_record_bytes
+        self._load_rp = load_recovery_point
+        self._save_rp = save_recovery_point
+        self._min_next_offset = min_next_offset
+        self._on_append = on_append
+        self.waiters = 0  # getters of this process blocked until the next append (Queue sets it)
+        self._readers: dict[int, int] = {}  # segment base -> O_RDONLY fd, for readers
+        self._readers_lock = threading.Lock()  # guards _readers
+        self._segments_cache: tuple[float, list[int]] = (0.0, [])
+        self._tail: RecoveryPoint | None = None  # furthest end seen by tail_offset()
+        self._tail_lock = threading.Lock()  # guards _tail
+        self._init_writer_state()
+
+    def _init_writer_state(self) -> None:
+        # _wlock guards every field below up to _sync_cond; it is held only for a write
+        # (never across an fsync, so other threads can write while the leader syncs).
+        self._wlock = threading.Lock()
+        self._lock_fd = -1
+        self._waiter_map: mmap.mmap | None = None
+        self._have_flock = False
+        self._recovered = False
+        self._fd = -1  # append fd of the active segment
+        self._seg = -1  # base offset of the active segment
+        self._pos = 0  # end of the active segment, bytes
+        self._next = 0  # next offset to hand out
+        self._seq = 0  # records written by this process (a sequence, for fsync coverage)
+        self._idle_mark = -1  # _seq at the last idle check
+        self._seen_seq = 0  # _seq at the last maintenance tick (to date unsynced writes)
+        self._last_tick = 0.0
+        self._fd_users = 0  # fsyncs in flight on _fd
+        self._retired: list[int] = []  # rolled-away fds to close once no fsync uses them
+        self._unsynced_since = 0.0  # monotonic time of the first unsynced write, 0 if none
+        self._rp_pending: RecoveryPoint | None = None  # last durable end, not yet persisted
+        self._rp_saved: RecoveryPoint | None = None
+        self._rp_due = 0.0
+        # _sync_cond guards _synced_seq, _syncing and _sync_error; taken without _wlock held.
+        self._sync_cond = threading.Condition(threading.Lock())
+        self._synced_seq = 0
+        self._sync_due_seq = 0  # an append that reaches this sequence syncs before returning
+        self._set_synced(0)
+        self._syncing = False
+        self._sync_error: tuple[int, BaseException] | None = None
+        self._thread: threading.Thread | None = None
+        self._wake = threading.Event()
+        self._closed = False
+
+    # ------------------------------------------------------------------ writing
+
+    def append(self, codec: int, attrs: bytes, payload: bytes) -> int:
+        """Append one record and return its offset; durable per the fsync policy on return.
+
+        This is the hot path (notes/hotpath.md goal 1): one write() and no other system call
+        while this process holds the OS lock, state in attributes, no helper calls.
+
+        Raises:
+            RecordTooLargeError: payload over max_record_bytes (nothing written).
+            DiskFullError / ReadOnlyError / QueueError: the write failed and was rolled back.
+        """
+        n = len(payload)
+        if n > self.max_record_bytes:
+            raise RecordTooLargeError(
+                f"payload is {n} bytes, over max_record_bytes={self.max_record_bytes}; "
+                f"split it or open the queue with a larger max_record_bytes")
+        wlock = self._wlock
+        wlock.acquire()
+        try:
+            if not self._have_flock:
+                self._take_flock()
+            offset = self._next
+            body = _pack_body(n, offset, _time_ns(), 0, codec, len(attrs)) + attrs + payload
+            data = _pack_crc(crc32c(body)) + body
+            if os.write(self._fd, data) != len(data):
+                self._short_write(data)
+            self._pos += len(data)
+            self._next = offset + 1
+            self._seq = seq = self._seq + 1
+            if self._pos >= self.segment_bytes:
+                self._roll(offset + 1)
+            elif not seq & (HANDOFF_CHECK_PUTS - 1) and self._waiter_map is not None and self._waiter_map[0]:
+                self._hand_over()
+        except OSError as exc:
+            raise self._failed_write(exc) from exc
+        finally:
+            wlock.release()
+        if seq >= self._sync_due_seq:
+            self._after_write(seq)
+        if self.waiters:
+            self._on_append()
+        return offset
+
+    def append_many(self, items: list[tuple[int, bytes, bytes]]) -> list[int]:
+        """Append several records with one write and at most one fsync; return their offsets."""
+        for _codec, _attrs, payload in items:
+            if len(payload) > self.max_record_bytes:
+                raise RecordTooLargeError(
+                    f"a payload is {len(payload)} bytes, over max_record_bytes={self.max_record_bytes}; "
+                    f"nothing was written")
+        if not items:
+            return []
+        with self._wlock:
+            if not self._have_flock:
+                self._take_flock()
+            first = self._next
+            now = time.time_ns()
+            data = b"".join(encode_record(first + i, now, c, a, p) for i, (c, a, p) in enumerate(items))
+            try:
+                segment.write_all(self._fd, data)
+            except OSError as exc:
+                raise self._failed_write(exc) from exc
+            self._pos += len(data)
+            self._next = first + len(items)
+            self._seq = seq = self._seq + len(items)
+            if self._pos >= self.segment_bytes:
+                self._roll(self._next)
+        if seq >= self._sync_due_seq:
+            self._after_write(seq)
+        if self.waiters:
+            self._on_append()
+        return list(range(first, first + len(items)))
+
+    def _short_write(self, data: bytes) -> None:
+        """A write() wrote part of `data` (the disk filled up, or a signal): finish or fail."""
+        done = os.lseek(self._fd, 0, os.SEEK_END) - self._pos
+        segment.write_all(self._fd, data[done:])
+
+    def _failed_write(self, exc: OSError) -> QueueError:
+        """Undo a failed append (caller holds _wlock) and say what happened.
+
+        Part of the record may be in the file (rule 17): cut it off before anyone appends
+        behind it; readers treat the partial bytes as a write in progress meanwhile. If even
+        that fails, the writer gives up the OS lock and redoes recovery before the next append.
+        """
+        try:
+            if self._fd >= 0:
+                os.ftruncate(self._fd, self._pos)
+        except OSError as trunc_exc:
+            log.error("could not truncate a failed append in %s: %s", self.log_dir, trunc_exc)
+            self._mark_broken()
+        return self._write_error(exc)
+
+    def _mark_broken(self) -> None:
+        """Make the next append redo recovery (it re-reads the end of the log from disk)."""
+        self._recovered = False
+        self._close_active()
+        self._drop_flock()
+
+    def _write_error(self, exc: OSError) -> QueueError:
+        if _is_space_error(exc):
+            return DiskFullError(f"{self.log_dir}: no space left while appending ({exc.strerror}); "
+                                 f"the partial record was rolled back, free space and retry")
+        if exc.errno == errno.EROFS:
+            return ReadOnlyError(f"{self.log_dir} is on a read-only filesystem; remount it read-write")
+        return QueueError(f"{self.log_dir}: append failed: {exc}; the partial record was rolled back")
+
+    def _after_write(self, seq: int) -> None:
+        """Sync now: fsync="always", or an interval policy's record bound was reached."""
+        self._commit(seq)
+
+    def _set_synced(self, seq: int) -> None:
+        """Record that everything up to `seq` is durable (caller holds _sync_cond)."""
+        if seq > self._synced_seq:
+            self._synced_seq = seq
+        mode = self.fsync.mode
+        if mode == "always":
+            self._sync_due_seq = self._synced_seq + 1
+        elif mode == "interval" and self.fsync.every:
+            self._sync_due_seq = self._synced_seq + self.fsync.every
+        else:
+            self._sync_due_seq = 1 << 62
+
+    # ------------------------------------------------------------------ group commit
+
+    def _commit(self, seq: int) -> None:
+        """Return once an fdatasync that started after write `seq` returned has succeeded."""
+        cond = self._sync_cond
+        with cond:
+            while self._synced_seq < seq:
+                if self._sync_error is not None and self._sync_error[0] >= seq:
+                    raise QueueError(f"{self.log_dir}: fsync failed, the record may not be durable: "
+                                     f"{self._sync_error[1]}") from self._sync_error[1]
+                if not self._syncing:
+                    self._syncing = True
+                    break
+                cond.wait()
+            else:
+                return
+        target = 0
+        error: BaseException | None = None
+        try:
+            self._gather()
+            target, error = self._sync_active()
+        finally:
+            with cond:
+                self._syncing = False
+                if error is None:
+                    self._set_synced(target)
+                else:
+                    self._sync_error = (target, error)
+                cond.notify_all()
+        if error is not None and target >= seq:
+            raise QueueError(f"{self.log_dir}: fsync failed, the record may not be durable: {error}") from error
+
+    def _gather(self) -> None:
+        """Let the writers released by the last sync write before this one starts.
+
+        Without this, each sync covers only about half the waiting writers (the others write
+        during it and wait for the next), capping 8 threads near 4x (notes/hotpath.md goal 2).
+        sched_yield releases the GIL without the 60+ µs overshoot of time.sleep.
+        """
+        deadline = time.perf_counter() + GATHER_SECONDS
+        last = self._seq
+        while True:
+            os.sched_yield()
+            now_seq = self._seq
+            if now_seq == last or time.perf_counter() > deadline:
+                return
+            last = now_seq
+
+    def _sync_active(self) -> tuple[int, BaseException | None]:
+        """fdatasync the active segment; return (the sequence it covers, the error or None)."""
+        with self._wlock:
+            fd, target = self._fd, self._seq
+            if fd < 0:
+                return target, None
+            self._fd_users += 1
+            self._unsynced_since = 0.0
+        try:
+            os.fdatasync(fd)
+        except OSError as exc:
+            # fsyncgate: a failed fsync may have dropped the dirty pages; a later fsync would
+            # "succeed" without them. Never retry: fail the waiting appends and move on to a
+            # new segment (tests/test_log.py::test_fsync_error_fails_put_and_rolls).
+            log.error("fsync of %s failed: %s; moving to a new segment", self.log_dir, exc)
+            with self._wlock:
+                self._release_fd_user(fd)
+                if fd == self._fd:
+                    self._mark_broken()
+            return target, exc
+        with self._wlock:
+            self._release_fd_user(fd)
+            if target == self._seq and fd == self._fd:
+                self._rp_pending = (self._seg, self._pos, self._next)
+        return target, None
+
+    def _release_fd_user(self, fd: int) -> None:
+        self._fd_users -= 1
+        if fd in self._retired and fd != self._fd:
+            self._retired.remove(fd)
+            os.close(fd)
+
+    def sync(self) -> None:
+        """fsync everything appended so far by this process (any policy)."""
+        self._commit(self._seq)
+
+    # ------------------------------------------------------------------ the OS write lock
+
+    def _open_lock(self) -> None:
+        lock_path = os.path.join(self.path, "write.lock")
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), segment.FILE_MODE)
+        if os.fstat(fd).st_size < LOCK_FILE_BYTES:
+            os.ftruncate(fd, LOCK_FILE_BYTES)
+        self._lock_fd = fd
+        self._waiter_map = mmap.mmap(fd, LOCK_FILE_BYTES)
+
+    def _take_flock(self) -> None:
+        """Take the OS append lock (caller holds _wlock), then catch up with other writers."""
+        if self._closed:
+            raise QueueError("the queue is closed")
+        if self._lock_fd < 0:
+            self._open_lock()
+        assert self._waiter_map is not None
+        waited = 0.0
+        while True:
+            try:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                # Ask the holder to hand over, poll briefly (hand-over takes < 64 appends),
+                # then block: the holder also lets go after IDLE_RELEASE_SECONDS of idling.
+                self._waiter_map[0] = 1
+                if waited >= WAITER_POLL_LIMIT_SECONDS:
+                    fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+                    break
+                time.sleep(WAITER_POLL_SECONDS)
+                waited += WAITER_POLL_SECONDS
+        self._have_flock = True
+        self._idle_mark = -1
+        try:
+            if not self._recovered:
+                self._recover()
+            else:
+                self._catch_up()
+        except BaseException:
+            self._drop_flock()
+            raise
+        self._ensure_thread()
+
+    def _drop_flock(self) -> None:
+        if self._have_flock:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            self._have_flock = False
+
+    def _hand_over(self) -> None:
+        """Another process waits for the append lock: give it up and let it go first."""
+        assert self._waiter_map is not None
+        self._waiter_map[0] = 0
+        self._drop_flock()
+        self._wlock.release()
+        try:
+            time.sleep(HANDOFF_BACKOFF_SECONDS)
+        finally:
+            self._wlock.acquire()
+
+    def _catch_up(self) -> None:
+        """Learn what other processes appended since this one last held the lock."""
+        end = os.lseek(self._fd, 0, os.SEEK_END)
+        if end == self._pos:
+            return
+        self._scan_to_end(self._seg, self._pos, self._next)
+
+    # ------------------------------------------------------------------ recovery
+
+    def _recover(self) -> None:
+        """Find the true end of the log and open the active segment (caller holds the flock)."""
+        os.makedirs(self.log_dir, mode=segment.DIR_MODE, exist_ok=True)
+        bases = segment.list_segments(self.log_dir)
+        floor = self._min_next_offset()
+        if not bases:
+            self._open_new_segment(floor)
+        else:
+            newest = bases[-1]
+            if self._open_existing(newest):
+                rp = self._load_rp()
+                pos, next_offset = SEGMENT_HEADER_BYTES, newest
+                size = os.lseek(self._fd, 0, os.SEEK_END)
+                # A recovery point beyond the end of the file means the file was cut by hand
+                # or the index is stale: trust the file and scan it from its header.
+                if rp is not None and rp[0] == newest and SEGMENT_HEADER_BYTES <= rp[1] <= size:
+                    pos, next_offset = rp[1], rp[2]
+                self._scan_to_end(newest, pos, next_offset)
+        if floor > self._next:
+            # The index handed out offsets that the log no longer has (power loss cut the
+            # tail): never reuse them. Seal here and start a segment at the floor.
+            log.warning("%s: log ends at offset %d but offsets up to %d were handed out; "
+                        "continuing at %d", self.log_dir, self._next, floor - 1, floor)
+            self._roll(floor)
+        self._recovered = True
+        self._rp_pending = (self._seg, self._pos, self._next)
+
+    def _open_existing(self, base: int) -> bool:
+        """Make segment `base` the active one; False if it had to be (re)created empty.
+
+        A file shorter than its header is a crash during `segment.create`: no record can be
+        in it, so it is created again. A damaged header is reported but not fatal: the base
+        offset is also in the file name and every record carries its own CRC.
+        """
+        path = os.path.join(self.log_dir, segment.segment_name(base))
+        self._close_active()
+        if os.path.getsize(path) < SEGMENT_HEADER_BYTES:
+            self._drop_reader(base)
+            os.unlink(path)
+            segment.fsync_dir(self.log_dir)
+            self._open_new_segment(base)
+            return False
+        try:
+            segment.read_header(self._reader_fd(base), path)
+        except segment.RecordError as exc:
+            log.warning("%s: damaged segment header (%s); reading its records by file name", path, exc)
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | getattr(os, "O_CLOEXEC", 0))
+        self._seg = base
+        return True
+
+    def _scan_to_end(self, seg: int, pos: int, next_offset: int) -> None:
+        """Walk from (seg, pos) to the end of the log, following seals; make it the active end.
+
+        A torn tail (incomplete or invalid bytes with nothing valid behind them) in the newest
+        segment was left by a writer that died mid-append: we hold the lock, so nobody is
+        writing it now. It is copied to quarantine/ and truncated.
+        """
+        while True:
+            rfd = self._reader_fd(seg)
+            result = segment.scan(rfd, pos, next_offset, 1 << 62, self.max_record_bytes)
+            pos, next_offset = result.pos, result.next_offset
+            if result.stop == "seal":
+                nxt = result.seal_next
+                if not os.path.exists(os.path.join(self.log_dir, segment.segment_name(nxt))):
+                    # A crash after sealing, before the next segment was created.
+                    self._close_active()
+                    self._open_new_segment(nxt)
+                    return
+                if not self._open_existing(nxt):
+                    return
+                seg, pos, next_offset = nxt, SEGMENT_HEADER_BYTES, nxt
+                continue
+            if result.stop == "end":
+                break
+            # "incomplete" or "bad": is it rot with valid records behind it, or a torn tail?
+            end = os.lseek(rfd, 0, os.SEEK_END)
+            if result.stop == "bad":
+                found = self._resync(rfd, pos, next_offset, end)
+                if found is not None:
+                    log.warning("%s: damaged bytes at %d in segment %d; readers will skip them",
+                                self.log_dir, pos, seg)
+                    pos, next_offset = found
+                    continue
+            self._quarantine(seg, pos, end - pos, "torn tail")
+            os.ftruncate(self._fd, pos)
+            os.fsync(self._fd)  # rule 7: the truncation is durable before anything is appended
+            log.warning("%s: truncated a torn tail of %d bytes at %d in segment %d",
+                        self.log_dir, end - pos, pos, seg)
+            break
+        self._seg, self._pos, self._next = seg, pos, next_offset
+
+    def _resync(self, rfd: int, pos: int, next_offset: int, end: int) -> tuple[int, int] | None:
+        """Find the next valid record after damage at `pos`: (its position, the offset expected there).
+
+        Reads windows of RESYNC_WINDOW_BYTES; windows overlap by half so that a record cut by
+        a window edge is whole in the next one.
+        """
+        start = pos + 1
+        while start < end:
+            buf = os.pread(rfd, RESYNC_WINDOW_BYTES, start)
+            got = find_resync(buf, 0, start, next_offset, RESYNC_CANDIDATES, self.max_record_bytes)
+            if got is not None:
+                at, rec = got
+                # After a seal the scan moves on by itself and reports the skipped offsets.
+                return start + at, (next_offset if isinstance(rec, Seal) else rec.offset)
+            if len(buf) < RESYNC_WINDOW_BYTES:
+                return None
+            start += RESYNC_WINDOW_BYTES // 2
+        return None
+
+    def _open_new_segment(self, base: int) -> None:
+        self._fd = segment.create(self.log_dir, base)
+        self._seg, self._pos, self._next = base, SEGMENT_HEADER_BYTES, base
+
+    def _close_active(self) -> None:
+        fd = self._fd
+        self._fd = -1
+        if fd < 0:
+            return
+        if self._fd_users:
+            self._retired.append(fd)  # an fsync is in flight on it: its leader closes it
+        else:
+            os.close(fd)
+
+    def _roll(self, next_base: int) -> None:
+        """Seal the active segment and start the one whose first offset is `next_base`.
+
+        Order matters for crashes: seal, fsync the old segment, then create the new one (with
+        its own fsync and a directory fsync). A crash after the seal leaves a sealed newest
+        segment, and recovery creates the next one from the seal.
+        """
+        old_fd = self._fd
+        try:
+            segment.write_all(old_fd, encode_seal(next_base, time.time_ns()))
+            os.fsync(old_fd)
+        except OSError as exc:
+            # The old segment stays unsealed; readers move on when they see a newer segment.
+            log.error("%s: could not seal segment %d: %s", self.log_dir, self._seg, exc)
+        self._close_active()
+        self._open_new_segment(next_base)
+        with self._sync_cond:
+            self._set_synced(self._seq)
+        self._unsynced_since = 0.0
+        self._rp_pending = (self._seg, self._pos, self._next)
+        self._rp_due = 0.0
+        self._wake.set()
+
+    # ------------------------------------------------------------------ maintenance thread
+
+    def _ensure_thread(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._maintain, name=f"pqueue-log:{self.path}", daemon=True)
+            self._thread.start()
+        self._wake.set()
+
+    def _maintain(self) -> None:
+        """Release the idle write lock, fsync interval windows, persist the recovery point."""
+        while not self._closed:
+            timeout = self._maintenance_step()
+            self._wake.wait(timeout)
+            self._wake.clear()
+
+    def _maintenance_step(self) -> float | None:
+        now = time.monotonic()
+        timeout: float | None = None
+        with self._wlock:
+            if self._have_flock:
+                if self._seq == self._idle_mark:
+                    self._drop_flock()
+                else:
+                    self._idle_mark = self._seq
+                    timeout = IDLE_RELEASE_SECONDS
+            if self._seq != self._seen_seq:
+                # Appends do not timestamp themselves (that would cost every put a clock
+                # read): writes seen now happened after the previous tick at the earliest.
+                self._seen_seq = self._seq
+                if not self._unsynced_since and self._seq > self._synced_seq:
+                    self._unsynced_since = self._last_tick or now
+            self._last_tick = now
+            since = self._unsynced_since
+        if since and self.fsync.mode == "interval" and self._seq > self._synced_seq:
+            due = since + self.fsync.interval
+            if now >= due:
+                try:
+                    self._commit(self._seq)
+                except QueueError:
+                    pass  # already logged by _sync_active; the next append rolls to a new segment
+            else:
+                timeout = min(timeout or due - now, due - now)
+        rp = self._rp_pending
+        if rp is not None and rp != self._rp_saved:
+            if now >= self._rp_due:
+                self._persist_rp(rp)
+                self._rp_due = now + RECOVERY_POINT_SECONDS
+            else:
+                timeout = min(timeout or RECOVERY_POINT_SECONDS, self._rp_due - now)
+        return timeout
+
+    def _persist_rp(self, rp: RecoveryPoint) -> None:
+        try:
+            self._save_rp(rp)
+            self._rp_saved = rp
+        except Exception as exc:  # the recovery point is a hint: a stale one costs a longer scan
+            log.warning("%s: could not save the recovery point: %s", self.log_dir, exc)
+
+    # ------------------------------------------------------------------ reading
+
+    def _reader_fd(self, seg: int) -> int:
+        fd = self._readers.get(seg)
+        if fd is not None:
+            return fd
+        with self._readers_lock:
+            fd = self._readers.get(seg)
+            if fd is None:
+                path = os.path.join(self.log_dir, segment.segment_name(seg))
+                fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                self._readers[seg] = fd
+        return fd
+
+    def _drop_reader(self, seg: int) -> None:
+        with self._readers_lock:
+            fd = self._readers.pop(seg, None)
+        if fd is not None:
+            os.close(fd)
+
+    def segments(self, *, refresh: bool = True) -> list[int]:
+        """Base offsets of the segments on disk, ascending."""
+        if refresh or not self._segments_cache[1]:
+            self._segments_cache = (time.monotonic(), segment.list_segments(self.log_dir))
+        return self._segments_cache[1]
+
+    def first_position(self) -> tuple[Position, int]:
+        """The position and offset of the oldest record still on disk."""
+        bases = self.segments()
+        if not bases:
+            return Position(0, 0), 0
+        return Position(bases[0], 0), bases[0]
+
+    def read(self, position: Position, next_offset: int, max_records: int) -> ReadResult:
+        """Read up to `max_records` records from `position` (expecting `next_offset` there).
+
+        Never blocks and never takes a lock. An incomplete or invalid record at the very end of
+        the newest segment is a write in progress (or a torn tail a writer will truncate): the
+        read stops before it. Damage with valid records behind it is reported in `damage` and
+        stepped over; its bytes are copied to quarantine/.
+
+        Raises:
+            FormatVersionError: a segment written by a newer pqueue.
+        """
+        out: list[tuple[int, Record]] = []
+        damage: list[Damage] = []
+        seg, pos = position
+        rechecked = False
+        while len(out) < max_records:
+            try:
+                fd = self._reader_fd(seg)
+            except FileNotFoundError:
+                newer = [b for b in self.segments() if b > seg]
+                if not newer:
+                    break
+                # Deleted under us (retention or a drop_oldest cap): go on at the next one.
+                if newer[0] > next_offset:
+                    damage.append(Damage(seg, pos, 0, next_offset, newer[0], "segment deleted"))
+                seg, pos, next_offset = newer[0], 0, max(next_offset, newer[0])
+                continue
+            if pos < SEGMENT_HEADER_BYTES:
+                path = os.path.join(self.log_dir, segment.segment_name(seg))
+                if os.lseek(fd, 0, os.SEEK_END) < SEGMENT_HEADER_BYTES:
+                    break  # being created right now
+                try:
+                    segment.read_header(fd, path)
+                except segment.RecordError:
+                    pass  # damaged header: the file name gives the base, records carry CRCs
+                pos = SEGMENT_HEADER_BYTES
+            result = segment.scan(fd, pos, next_offset, max_records - len(out), self.max_record_bytes)
+            out.extend((seg, r) for r in result.records)
+            pos, next_offset = result.pos, result.next_offset
+            if result.stop == "limit":
+                break
+            if result.stop == "seal":
+                if result.seal_next > next_offset:
+                    damage.append(Damage(seg, pos, 0, next_offset, result.seal_next, "offsets skipped"))
+                seg, pos, next_offset = result.seal_next, 0, max(next_offset, result.seal_next)
+                rechecked = False
+                continue
+            end = os.lseek(fd, 0, os.SEEK_END)
+            if result.stop == "bad":
+                found = self._resync(fd, pos, next_offset, end)
+                if found is not None:
+                    length = found[0] - pos
+                    damage.append(Damage(seg, pos, length, next_offset, found[1], result.reason))
+                    self._quarantine(seg, pos, length, result.reason)
+                    pos, next_offset = found
+                    continue
+            # The end of this segment for now. Only the newest segment is ever written, so if a
+            # newer one exists and this one is still unsealed after a second look (the seal may
+            # have landed meanwhile), it was abandoned after a failed write or fsync.
+            newer = [b for b in self._listing() if b > seg]
+            if not newer:
+                break
+            if not rechecked:
+                rechecked = True
+                continue
+            if end > pos:
+                reason = result.reason or "unsealed segment ends inside a record"
+                damage.append(Damage(seg, pos, end - pos, next_offset, newer[0], reason))
+                self._quarantine(seg, pos, end - pos, reason)
+            elif newer[0] > next_offset:
+                damage.append(Damage(seg, pos, 0, next_offset, newer[0], "offsets skipped"))
+            seg, pos, next_offset = newer[0], 0, max(next_offset, newer[0])
+            rechecked = False
+        return ReadResult(out, Position(seg, pos), next_offset, damage)
+
+    def _listing(self) -> list[int]:
+        """The segment list, refreshed at most once a second (only abandoned segments need it)."""
+        taken, bases = self._segments_cache
+        if time.monotonic() - taken > 1.0:
+            return self.segments()
+        return bases
+
+    def _quarantine(self, seg: int, pos: int, length: int, reason: str) -> None:
+        """Copy a damaged span to quarantine/ (once); the original bytes stay where they are."""
+        if length <= 0:
+            return
+        name = f"{seg:020d}-{pos:012d}.bad"
+        target = os.path.join(self.quarantine_dir, name)
+        if os.path.exists(target):
+            return
+        try:
+            os.makedirs(self.quarantine_dir, mode=segment.DIR_MODE, exist_ok=True)
+            fd = self._reader_fd(seg)
+            data = os.pread(fd, min(length, 64 << 20), pos)
+            tmp = target + ".tmp"
+            wfd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, segment.FILE_MODE)
+            try:
+                segment.write_all(wfd, data)
+                os.fsync(wfd)
+            finally:
+                os.close(wfd)
+            os.replace(tmp, target)
+            segment.fsync_dir(self.quarantine_dir)
+            log.warning("%s: %d damaged bytes at %d in segment %d (%s) copied to %s",
+                        self.log_dir, length, pos, seg, reason, target)
+        except OSError as exc:
+            log.error("%s: could not copy damaged bytes to quarantine/: %s", self.log_dir, exc)
+
+    def segment_path(self, seg: int) -> str:
+        return os.path.join(self.log_dir, segment.segment_name(seg))
+
+    def has_data_after(self, position: Position) -> bool:
+        """Whether bytes follow `position` (a cheap hint for pollers: one lseek)."""
+        try:
+            fd = self._reader_fd(position.segment)
+        except FileNotFoundError:
+            return True  # deleted under the reader: let it move on
+        return os.lseek(fd, 0, os.SEEK_END) > max(position.pos, SEGMENT_HEADER_BYTES)
+
+    def tail_offset(self) -> int:
+        """The offset the next record will get, as far as the bytes on disk tell.
+
+        Walks forward from the furthest point known (this process's writer, the last walk, or
+        the recovery point), so repeated calls cost only the records appended since.
+        """
+        with self._tail_lock:
+            start = self._tail
+            if self._recovered:
+                mine = (self._seg, self._pos, self._next)
+                if start is None or mine[:2] > start[:2]:
+                    start = mine
+            if start is None:
+                rp = self._load_rp()
+                bases = self.segments()
+                if not bases:
+                    return self._min_next_offset()
+                if rp is not None and rp[0] == bases[-1]:
+                    start = rp
+                else:
+                    start = (bases[-1], SEGMENT_HEADER_BYTES, bases[-1])
+            seg, pos, nxt = start
+            while True:
+                try:
+                    fd = self._reader_fd(seg)
+                except FileNotFoundError:
+                    bases = [b for b in self.segments() if b > seg]
+                    if not bases:
+                        break
+                    seg, pos, nxt = bases[0], SEGMENT_HEADER_BYTES, max(nxt, bases[0])
+                    continue
+                result = segment.walk(fd, max(pos, SEGMENT_HEADER_BYTES), nxt, self.max_record_bytes)
+                pos, nxt = result.pos, result.next_offset
+                if result.stop != "seal":
+                    break
+                seg, pos, nxt = result.seal_next, SEGMENT_HEADER_BYTES, max(nxt, result.seal_next)
+            self._tail = (seg, pos, nxt)
+            return nxt
+
+    def end_offset(self) -> int:
+        """The next offset a put would get, as far as this process knows (cheap)."""
+        return self._next if self._recovered else -1
+
+    # ------------------------------------------------------------------ retention
+
+    def delete_below(self, offset: int) -> int:
+        """Delete the sealed segments whose every record is below `offset`; return how many.
+
+        The newest segment is never deleted. Unlink, then fsync the directory (rule 25); a
+        crash in between only leaves a segment that the next call deletes again.
+        """
+        bases = self.segments()
+        doomed = [b for b, nxt in zip(bases, bases[1:], strict=False) if nxt <= offset]
+        for base in doomed:
+            self._drop_reader(base)
+            try:
+                os.unlink(os.path.join(self.log_dir, segment.segment_name(base)))
+            except FileNotFoundError:
+                pass  # another process deleted it first
+        if doomed:
+            segment.fsync_dir(self.log_dir)
+            self.segments()
+        return len(doomed)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def close(self) -> None:
+        """Sync what this process appended, persist the recovery point, release everything."""
+        if self._closed:
+            return
+        error: BaseException | None = None
+        if self._recovered and self._fd >= 0:
+            try:
+                self.sync()
+            except QueueError as exc:
+                error = exc
+        self._closed = True
+        self._wake.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+        rp = self._rp_pending
+        if rp is not None and rp != self._rp_saved and error is None:
+            self._persist_rp(rp)
+        with self._wlock:
+            self._drop_flock()
+            self._close_active()
+            for fd in self._retired:
+                os.close(fd)
+            self._retired.clear()
+            if self._waiter_map is not None:
+                self._waiter_map.close()
+                self._waiter_map = None
+            if self._lock_fd >= 0:
+                os.close(self._lock_fd)
+                self._lock_fd = -1
+        with self._readers_lock:
+            for fd in self._readers.values():
+                os.close(fd)
+            self._readers.clear()
+        if error is not None:
+            raise error
+
+    def after_fork_in_child(self) -> None:
+        """Forget the parent's writer state: its flock belongs to the parent's open file.
+
+        Inherited descriptors are closed (that never releases the parent's lock) and every lock
+        is replaced, since another thread of the parent may have held one at fork time.
+        """
+        for fd in [self._fd, self._lock_fd, *self._retired, *self._readers.values()]:
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        if self._waiter_map is not None:
+            try:
+                self._waiter_map.close()
+            except (BufferError, ValueError):
+                pass
+        self._readers = {}
+        self._readers_lock = threading.Lock()
+        closed = self._closed
+        self._init_writer_state()
+        self._closed = closed
+
