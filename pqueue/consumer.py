@@ -242,6 +242,57 @@ class Consumer:
             self._skips = []
         self._queue._notify_arrival()
 
+    def release(self, msg: Message) -> None:
+        """Hand `msg` back for immediate redelivery without counting this delivery.
+
+        For work that was never really attempted (a pool shutting down, a breaker open).
+        """
+        if msg._consumer is not self:
+            msg._consumer.release(msg)
+            return
+        with self._lock:
+            self._check_open()
+            if self._held.pop(msg.offset, None) is None:
+                return
+            now_ms = int(time.time() * 1000)
+            _grants, self._state = self._queue._index.exchange(
+                self.group, self._owner, acks=self._pending, skips=self._skips,
+                nacks=[(msg.offset, msg._seg, msg._pos, now_ms, False)])
+            self._pending = []
+            self._skips = []
+        self._queue._notify_arrival()
+
+    def dead_letter(self, msg: Message, *, reason: str, error: BaseException | None = None,
+                    extra: dict[str, Any] | None = None) -> None:
+        """Move `msg` to the dead-letter queue with why it died, then ack it here.
+
+        The DLQ copy is durable before the ack, so a crash in between duplicates the message in
+        the DLQ rather than losing it.
+        """
+        if msg._consumer is not self:
+            msg._consumer.dead_letter(msg, reason=reason, error=error, extra=extra)
+            return
+        self._queue._dead_letter(self, msg, reason=reason, error=error, extra=extra)
+
+    def reclaim_dead(self) -> int:
+        """Make the leases held by processes that no longer exist deliverable now; return how many."""
+        self._next_reap = time.monotonic() + REAP_SECONDS
+        n = self._queue._index.reap_dead_owners(self.group)
+        if n:
+            self._queue._notify_arrival()
+        return n
+
+    @property
+    def lease(self) -> float:
+        """Seconds a delivered message stays leased to this consumer before it may go elsewhere."""
+        return self._lease_ms / 1000.0
+
+    @lease.setter
+    def lease(self, seconds: float) -> None:
+        if not isinstance(seconds, (int, float)) or seconds <= 0:
+            raise ValueError("'lease' must be a positive number of seconds")
+        self._lease_ms = int(seconds * 1000)
+
     def settle(self, msg: Message) -> None:
         """Forget `msg` locally without an ack (it was dead-lettered and acked by offset)."""
         with self._lock:

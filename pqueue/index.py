@@ -95,8 +95,12 @@ def _acquire_env(path: str, readonly: bool) -> lmdb.Environment:
         if entry is not None:
             _envs[key] = (entry[0], entry[1] + 1)
             return entry[0]
+        # A read-only handle still takes LMDB's reader lock when it can write lock.mdb, so it
+        # sees consistent snapshots of a live queue; on a read-only filesystem it cannot, and
+        # reads without it (fine for a queue nobody is writing).
+        lock = not readonly or os.access(os.path.join(path, "lock.mdb"), os.W_OK)
         env = lmdb.open(path, map_size=MAP_SIZE_BYTES, max_dbs=8, max_readers=MAX_READERS, subdir=True,
-                        readonly=readonly, lock=not readonly, create=not readonly, mode=0o600)
+                        readonly=readonly, lock=lock, create=not readonly, mode=0o600)
         _envs[key] = (env, 1)
         return env
 

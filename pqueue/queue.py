@@ -214,6 +214,12 @@ class Queue:
             raise TypeError(f"nack() takes a Message, not {type(msg).__name__}")
         msg._consumer.nack(msg, delay=delay)
 
+    def dead_letter(self, msg: Message, *, reason: str, error: BaseException | None = None) -> None:
+        """Move `msg` to `dead_letters` with `reason` (and the error, if any), then ack it."""
+        if not isinstance(msg, Message):
+            raise TypeError(f"dead_letter() takes a Message, not {type(msg).__name__}")
+        msg._consumer.dead_letter(msg, reason=reason, error=error)
+
     def qsize(self) -> int:
         """Messages not yet acked by the default group."""
         return self.consumer().qsize()
