@@ -10,17 +10,17 @@ Named databases (keys are big-endian so LMDB's byte order is numeric order):
                                       W: every offset below is done (the committed offset);
                                       D: every offset from here on was never handed out
     acks     gid|offset -> b"" | u64 done offsets above W (value: end of a done range)
-    state    gid|offset -> msgpack   offsets in [W, D) that are not simply "batch-leased":
-                                      ["B", count, owner, attempt, deadline, seg, pos]  a batch
-                                        of `count` fresh offsets leased together;
+    batches  gid|first -> msgpack    [count, owner, attempt, deadline, seg, pos]: `count` fresh
+                                      offsets from `first` leased together
+    state    gid|offset -> msgpack   one offset in [W, D) with a life of its own:
                                       ["L", owner, attempt, deadline, seg, pos]  one lease;
                                       ["W", attempt, due, seg, pos]  waiting: nacked, handed
                                         back, reclaimed or delayed (attempt = deliveries so far)
-    due      gid|time_ms|offset -> b"" when each state record next needs attention: a lease's
-                                      deadline or a waiting record's due time
+    due      gid|time_ms|offset -> b"B" | b"S"  when a batch (B) or a single record (S) next
+                                      needs attention: a lease's deadline or a due time
     dead     gid|offset -> msgpack   offsets that were dead-lettered (for status())
 
-A state record for a single offset overrides the batch it falls in (a nack or a reclaim of
+A single-offset state record overrides the batch the offset falls in (a nack or a reclaim of
 one member of a batch). Durable LMDB commits cost about 390 µs, so a consumer leases many
 fresh offsets as one batch record and folds its pending acks into the same transaction
 (notes/hotpath.md goal 3); a message that is already on a retry is leased alone, so a task
@@ -38,7 +38,7 @@ import os
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
@@ -50,6 +50,7 @@ from .record import FORMAT_VERSION
 
 log = logging.getLogger(__name__)
 
+DATABASES = ("meta", "groups", "acks", "state", "batches", "due", "dead")
 MAP_SIZE_BYTES = 256 << 20  # 256 MiB of address space to start; sparse, grows on demand
 MAX_READERS = 512
 _GID = struct.Struct(">I")
@@ -228,11 +229,11 @@ class Index:
             with env.begin() as txn:
                 names = {k for k, _ in txn.cursor()}
             self.db: dict[str, Any] = {}
-            for name in ("meta", "groups", "acks", "state", "due", "dead"):
+            for name in DATABASES:
                 if name.encode() in names:
                     self.db[name] = env.open_db(name.encode(), create=False)
             return
-        self.db = {name: env.open_db(name.encode()) for name in ("meta", "groups", "acks", "state", "due", "dead")}
+        self.db = {name: env.open_db(name.encode()) for name in DATABASES}
 
     def _check_format(self) -> None:
         meta = self.db.get("meta")
@@ -408,19 +409,20 @@ class Index:
             return 0
         prefix = _GID.pack(g.gid)
 
-        def find(txn: lmdb.Transaction) -> list[tuple[bytes, int]]:
-            found: list[tuple[bytes, int]] = []
-            cur = txn.cursor(db=self.db["state"])
-            if cur.set_range(prefix):
+        def find(txn: lmdb.Transaction) -> list[tuple[str, int, int]]:
+            found: list[tuple[str, int, int]] = []
+            for kind in ("batches", "state"):
+                cur = txn.cursor(db=self.db[kind])
+                if not cur.set_range(prefix):
+                    continue
                 for k, v in cur:
                     if k[:4] != prefix:
                         break
                     st = _unpack(v)
-                    if st[0] in "BL":
-                        owner = st[2] if st[0] == "B" else st[1]
-                        deadline = st[4] if st[0] == "B" else st[3]
-                        if not owner_alive(owner):
-                            found.append((bytes(k), deadline))
+                    if kind == "state" and st[0] != "L":
+                        continue
+                    if not owner_alive(st[1]):
+                        found.append((kind, _OFF.unpack(k)[1], st[3]))
             return found
 
         dead = self.read(find)
@@ -428,19 +430,18 @@ class Index:
             return 0
 
         def expire(txn: lmdb.Transaction) -> None:
-            for k, deadline in dead:
-                v = txn.get(k, db=self.db["state"])
+            for kind, offset, deadline in dead:
+                k = _OFF.pack(g.gid, offset)
+                v = txn.get(k, db=self.db[kind])
                 if v is None:
                     continue
                 st = _unpack(v)
-                idx = 4 if st[0] == "B" else 3
-                if st[0] not in "BL" or st[idx] != deadline:
-                    continue
-                offset = _OFF.unpack(k)[1]
+                if st[3] != deadline:
+                    continue  # changed since we looked
                 txn.delete(_DUE.pack(g.gid, deadline, offset), db=self.db["due"])
-                st[idx] = 0
-                txn.put(k, _pack(st), db=self.db["state"])
-                txn.put(_DUE.pack(g.gid, 0, offset), b"", db=self.db["due"])
+                st[3] = 0
+                txn.put(k, _pack(st), db=self.db[kind])
+                txn.put(_DUE.pack(g.gid, 0, offset), b"B" if kind == "batches" else b"S", db=self.db["due"])
 
         self.write(expire)
         log.info("%s: reclaimed %d leases of dead processes in group %r", self.path, len(dead), group)
@@ -458,35 +459,23 @@ class Index:
             g = GroupState.unpack(raw)
             prefix = _GID.pack(g.gid)
             acked = 0
-            cur = txn.cursor(db=self.db["acks"])
-            if cur.set_range(prefix):
-                for k, v in cur:
-                    if k[:4] != prefix:
-                        break
-                    off = _OFF.unpack(k)[1]
-                    acked += (_U64.unpack(v)[0] - off) if v else 1
+            for k, v in _prefixed(txn, self.db["acks"], prefix):
+                off = _OFF.unpack(k)[1]
+                acked += (_U64.unpack(v)[0] - off) if v else 1
             in_flight = waiting = delayed = 0
-            cur = txn.cursor(db=self.db["state"])
             singles: set[int] = set()
-            batches: list[tuple[int, int]] = []
-            if cur.set_range(prefix):
-                for k, v in cur:
-                    if k[:4] != prefix:
-                        break
-                    st = _unpack(v)
-                    off = _OFF.unpack(k)[1]
-                    if st[0] == "B":
-                        batches.append((off, st[1]))
-                    else:
-                        singles.add(off)
-                        if st[0] == "L":
-                            in_flight += 1
-                        elif st[1] > 0 or st[2] <= now:
-                            waiting += 1
-                        else:
-                            delayed += 1
+            for k, v in _prefixed(txn, self.db["state"], prefix):
+                st = _unpack(v)
+                singles.add(_OFF.unpack(k)[1])
+                if st[0] == "L":
+                    in_flight += 1
+                elif st[1] > 0 or st[2] <= now:
+                    waiting += 1
+                else:
+                    delayed += 1
             done = _DoneSet(txn, self.db["acks"], g)
-            for first, count in batches:
+            for k, v in _prefixed(txn, self.db["batches"], prefix):
+                first, count = _OFF.unpack(k)[1], _unpack(v)[0]
                 for off in range(first, first + count):
                     if off not in singles and not done.contains(off):
                         in_flight += 1
@@ -515,8 +504,7 @@ class Index:
                 st = _unpack(v)
                 if st[0] == "L":
                     return "in_flight"
-                if st[0] == "W":
-                    return "waiting" if st[1] > 0 or st[2] <= now else "delayed"
+                return "waiting" if st[1] > 0 or st[2] <= now else "delayed"
             return "in_flight"  # a member of a leased batch
 
         result: str | None = self.read(fn)
@@ -580,6 +568,7 @@ class _Txn:
         self.g = g
         self.acks = index.db["acks"]
         self.state = index.db["state"]
+        self.batches = index.db["batches"]
         self.due = index.db["due"]
         self.prefix = _GID.pack(g.gid)
 
@@ -593,12 +582,14 @@ class _Txn:
         if v is None:
             return None
         st: list[Any] = _unpack(v)
-        if st[0] == "B":
-            return None  # a batch starting here: members are settled by acks, not deleted
         due = st[3] if st[0] == "L" else st[2]
         self.txn.delete(k, db=self.state)
         self.txn.delete(_DUE.pack(self.g.gid, due, offset), db=self.due)
         return st
+
+    def _drop_batch(self, first: int, deadline: int) -> None:
+        self.txn.delete(self._key(first), db=self.batches)
+        self.txn.delete(_DUE.pack(self.g.gid, deadline, first), db=self.due)
 
     def mark_done(self, first: int, nxt: int) -> None:
         """Offsets [first, nxt) are finished (acked, dead-lettered or unreadable)."""
@@ -628,27 +619,12 @@ class _Txn:
                 break
             txn.delete(k, db=acks)
             g.committed = _U64.unpack(v)[0] if v else g.committed + 1
-        # A committed offset inside or past a batch: drop batches wholly below it.
-        cur = txn.cursor(db=self.state)
-        if cur.set_range(self.prefix):
-            while cur.key()[:4] == self.prefix:
-                off = _OFF.unpack(cur.key())[1]
-                if off >= g.committed:
-                    break
-                st = _unpack(cur.value())
-                if st[0] == "B" and off + st[1] <= g.committed:
-                    txn.delete(_DUE.pack(g.gid, st[4], off), db=self.due)
-                    if not cur.delete():
-                        break
-                    continue
-                if st[0] != "B":
-                    due = st[3] if st[0] == "L" else st[2]
-                    txn.delete(_DUE.pack(g.gid, due, off), db=self.due)
-                    if not cur.delete():
-                        break
-                    continue
-                if not cur.next():
-                    break
+        # Batches and single records wholly below W are finished: drop them.
+        for first, st in list(_prefixed_items(txn, self.batches, self.prefix, below=g.committed)):
+            if first + st[0] <= g.committed:
+                self._drop_batch(first, st[3])
+        for offset, _st in list(_prefixed_items(txn, self.state, self.prefix, below=g.committed)):
+            self._drop_state(offset)
         if g.committed >= g.dispatch:
             g.committed_seg, g.committed_pos = g.dispatch_seg, g.dispatch_pos
             g.dispatch = max(g.dispatch, g.committed)
@@ -657,60 +633,40 @@ class _Txn:
         """Make `offset` deliverable again at `due`; uncharged hand-backs keep its attempt count."""
         if offset < self.g.committed or offset >= self.g.dispatch:
             return
-        k = self._key(offset)
-        v = self.txn.get(k, db=self.state)
-        attempt = 0
-        if v is not None:
-            st = _unpack(v)
-            if st[0] == "B":
-                attempt = st[3]
-            else:
-                attempt = st[2] if st[0] == "L" else st[1]
-                self._drop_state(offset)
+        if _DoneSet(self.txn, self.acks, self.g).contains(offset):
+            return
+        st = self._drop_state(offset)
+        if st is not None:
+            attempt = st[2] if st[0] == "L" else st[1]
         else:
             batch = self._batch_of(offset)
             if batch is None:
-                return  # already done
-            attempt = batch[3]
-        if _DoneSet(self.txn, self.acks, self.g).contains(offset):
-            return
+                return  # not leased: nothing to hand back
+            attempt = batch[2]
         if not charged:
             attempt = max(0, attempt - 1)
-        self._put_waiting(offset, attempt, due, seg, pos, override=v is not None and _unpack(v)[0] == "B")
+        self._put_waiting(offset, attempt, due, seg, pos)
 
-    def _put_waiting(self, offset: int, attempt: int, due: int, seg: int, pos: int, override: bool = False) -> None:
-        k = self._key(offset)
-        if override:
-            # The batch record starts at this key: move the batch one offset up first.
-            st = _unpack(self.txn.get(k, db=self.state))
-            self.txn.delete(k, db=self.state)
-            self.txn.delete(_DUE.pack(self.g.gid, st[4], offset), db=self.due)
-            if st[1] > 1:
-                st[1] -= 1
-                self.txn.put(self._key(offset + 1), _pack(st), db=self.state)
-                self.txn.put(_DUE.pack(self.g.gid, st[4], offset + 1), b"", db=self.due)
-        self.txn.put(k, _pack(["W", attempt, due, seg, pos]), db=self.state)
-        self.txn.put(_DUE.pack(self.g.gid, due, offset), b"", db=self.due)
+    def _put_waiting(self, offset: int, attempt: int, due: int, seg: int, pos: int) -> None:
+        """A single record overrides the batch the offset falls in (if any)."""
+        self.txn.put(self._key(offset), _pack(["W", attempt, due, seg, pos]), db=self.state)
+        self.txn.put(_DUE.pack(self.g.gid, due, offset), b"S", db=self.due)
 
     def _batch_of(self, offset: int) -> list[Any] | None:
-        cur = self.txn.cursor(db=self.state)
+        """The batch record whose range holds `offset`, if any."""
+        cur = self.txn.cursor(db=self.batches)
         key = self._key(offset)
         if cur.set_range(key):
-            if cur.key() == key:
-                st: list[Any] = _unpack(cur.value())
-                return st if st[0] == "B" else None
-            if not cur.prev():
+            if cur.key() != key and not cur.prev():
                 return None
         elif not cur.last():
             return None
-        while cur.key()[:4] == self.prefix:
-            first = _OFF.unpack(cur.key())[1]
-            st = _unpack(cur.value())
-            if st[0] == "B":
-                return st if first <= offset < first + int(st[1]) else None
-            if not cur.prev():
-                return None
-        return None
+        k = cur.key()
+        if k[:4] != self.prefix:
+            return None
+        first = _OFF.unpack(k)[1]
+        st: list[Any] = _unpack(cur.value())
+        return st if first <= offset < first + st[0] else None
 
     def lease(self, owner: list[Any], want: int, now: int, lease_ms: int, read: ReadFn) -> list[Grant]:
         """Lease due messages, or else up to `want` fresh offsets as one batch record.
@@ -721,10 +677,10 @@ class _Txn:
         """
         g = self.g
         deadline = now + lease_ms
-        for first, st in self._due(now, batches=True):
+        for first, st in self._due(now, b"B"):
             self._reclaim_batch(first, st, now, read)
         grants: list[Grant] = []
-        for offset, st in self._due(now, batches=False, limit=want):
+        for offset, st in self._due(now, b"S", limit=want):
             if st[0] == "L":
                 # A lease that ran out: its holder died or is too slow. The delivery counts.
                 attempt, seg, pos = st[2], st[4], st[5]
@@ -740,7 +696,7 @@ class _Txn:
                 g.damaged += 1
                 continue
             self.txn.put(self._key(offset), _pack(["L", owner, attempt + 1, deadline, seg, pos]), db=self.state)
-            self.txn.put(_DUE.pack(g.gid, deadline, offset), b"", db=self.due)
+            self.txn.put(_DUE.pack(g.gid, deadline, offset), b"S", db=self.due)
             grants.append(Grant(offset, seg, pos, attempt + 1, deadline, got.records[0][1]))
             if attempt > 0:
                 break
@@ -754,36 +710,35 @@ class _Txn:
             grants.append(Grant(rec.offset, seg, rec.pos, 1, deadline, rec))
         if grants:
             first, count = grants[0].offset, grants[-1].offset - grants[0].offset + 1
-            self.txn.put(self._key(first), _pack(["B", count, owner, 1, deadline, grants[0].seg, grants[0].pos]),
-                         db=self.state)
-            self.txn.put(_DUE.pack(g.gid, deadline, first), b"", db=self.due)
+            self.txn.put(self._key(first), _pack([count, owner, 1, deadline, grants[0].seg, grants[0].pos]),
+                         db=self.batches)
+            self.txn.put(_DUE.pack(g.gid, deadline, first), b"B", db=self.due)
         g.dispatch = max(g.dispatch, result.next_offset)
         g.dispatch_seg, g.dispatch_pos = result.position
         return grants
 
-    def _due(self, now: int, *, batches: bool, limit: int = 1 << 30) -> list[tuple[int, list[Any]]]:
-        """State records due by `now`, oldest first: batch leases, or else single offsets."""
+    def _due(self, now: int, kind: bytes, limit: int = 1 << 30) -> list[tuple[int, list[Any]]]:
+        """Batch leases (kind b"B") or single records (b"S") due by `now`, oldest first."""
         out: list[tuple[int, list[Any]]] = []
+        db = self.batches if kind == b"B" else self.state
         cur = self.txn.cursor(db=self.due)
         if not cur.set_range(self.prefix):
             return out
-        for k in cur.iternext(values=False):
+        for k, v in cur:
             gid, due, offset = _DUE.unpack(k)
             if gid != self.g.gid or due > now or len(out) >= limit:
                 break
-            v = self.txn.get(self._key(offset), db=self.state)
-            if v is None:
+            if v != kind:
                 continue
-            st = _unpack(v)
-            if (st[0] == "B") == batches:
-                out.append((offset, st))
+            st = self.txn.get(self._key(offset), db=db)
+            if st is not None:
+                out.append((offset, _unpack(st)))
         return out
 
     def _reclaim_batch(self, first: int, st: list[Any], now: int, read: ReadFn) -> None:
         """A batch lease ran out: every member not done nor overridden waits for a retry."""
-        count, attempt, deadline, seg, pos = st[1], st[3], st[4], st[5], st[6]
-        self.txn.delete(self._key(first), db=self.state)
-        self.txn.delete(_DUE.pack(self.g.gid, deadline, first), db=self.due)
+        count, attempt, deadline, seg, pos = st[0], st[2], st[3], st[4], st[5]
+        self._drop_batch(first, deadline)
         done = _DoneSet(self.txn, self.acks, self.g)
         result = read(seg, pos, first, count)
         for rseg, rec in result.records:
@@ -794,6 +749,26 @@ class _Txn:
             self._put_waiting(rec.offset, attempt, now, rseg, rec.pos)
         for d in result.damage:
             self.mark_done(d.first_offset, min(d.next_offset, first + count))
+
+
+def _prefixed(txn: lmdb.Transaction, db: Any, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
+    """Every (key, value) of `db` whose key starts with `prefix` (one group's records)."""
+    cur = txn.cursor(db=db)
+    if not cur.set_range(prefix):
+        return
+    for k, v in cur:
+        if k[:4] != prefix:
+            return
+        yield bytes(k), bytes(v)
+
+
+def _prefixed_items(txn: lmdb.Transaction, db: Any, prefix: bytes, *, below: int) -> Iterator[tuple[int, Any]]:
+    """(offset, decoded value) of one group's records with offsets below `below`."""
+    for k, v in _prefixed(txn, db, prefix):
+        offset = _OFF.unpack(k)[1]
+        if offset >= below:
+            return
+        yield offset, _unpack(v)
 
 
 def _fsync_dir(path: str) -> None:

@@ -200,6 +200,7 @@ class Log:
         self._waiter_map: mmap.mmap | None = None
         self._have_flock = False
         self._recovered = False
+        self._abandon_segment = False  # an fsync failed: recovery starts a new segment
         self._fd = -1  # append fd of the active segment
         self._seg = -1  # base offset of the active segment
         self._pos = 0  # end of the active segment, bytes
@@ -416,6 +417,7 @@ class Log:
                 self._release_fd_user(fd)
                 if fd == self._fd:
                     self._mark_broken()
+                    self._abandon_segment = True
             return target, exc
         with self._wlock:
             self._release_fd_user(fd)
@@ -525,6 +527,11 @@ class Log:
             log.warning("%s: log ends at offset %d but offsets up to %d were handed out; "
                         "continuing at %d", self.log_dir, self._next, floor - 1, floor)
             self._roll(floor)
+        elif self._abandon_segment:
+            # An fsync of this segment failed: its pages may be gone from the disk while the
+            # kernel calls them clean (fsyncgate). Never append behind them again.
+            self._roll(self._next)
+        self._abandon_segment = False
         self._recovered = True
         self._rp_pending = (self._seg, self._pos, self._next)
 
