@@ -1,5 +1,7 @@
 """pqueue: an embedded, crash-safe, disk-backed task queue (segmented CRC32C log + LMDB index)."""
 
+from .backoff import Backoff, Reject, Retry
+from .breaker import Breaker
 from .consumer import Consumer
 from .errors import (
     ClosedError,
@@ -15,6 +17,7 @@ from .errors import (
     RecordTooLargeError,
     SerializationError,
 )
+from .forward import forward
 from .message import Message
 from .queue import Queue
 from .record import FORMAT_VERSION
@@ -24,6 +27,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "FORMAT_VERSION",
+    "Backoff",
+    "Breaker",
     "ClosedError",
     "Consumer",
     "CorruptRecordError",
@@ -38,7 +43,10 @@ __all__ = [
     "QueueError",
     "ReadOnlyError",
     "RecordTooLargeError",
+    "Reject",
+    "Retry",
     "SerializationError",
     "Serializer",
     "__version__",
+    "forward",
 ]

@@ -33,6 +33,7 @@ ACK_BATCH = 256  # commit pending acks once this many are waiting
 POLL_MIN_SECONDS = 0.0005  # a blocked get() polls for other processes' puts from this often ...
 POLL_MAX_SECONDS = 0.02  # ... backing off to this
 REAP_SECONDS = 5.0  # look for leases of dead processes this often
+HANDED_BACK_DUE = 0  # due time of uncharged hand-backs: before any retry, in offset order
 
 _handle_ids = itertools.count(1)
 
@@ -65,6 +66,7 @@ class Consumer:
         self._skips: list[tuple[int, int]] = []
         self._batch = 1
         self._batch_started = 0.0
+        self._credits: dict[int, float] = {}  # weighted round-robin state per priority level
         self._next_reap = 0.0
         self._state: GroupState = self._create_group()
         self._flush_event = threading.Event()
@@ -137,7 +139,11 @@ class Consumer:
         if attrs:
             expires = attrs.get(ATTR_EXPIRES)
             if expires is not None and expires <= time.time():
-                self._queue._dead_letter(self, grant, reason="expired", error=None)
+                if self._queue.on_expire == "drop":
+                    log.info("%s: dropped expired message %d of group %r", self._queue.path, grant.offset, self.group)
+                    self._pending.append(grant.offset)
+                else:
+                    self._queue._dead_letter(self, grant, reason="expired", error=None)
                 return None
         try:
             data = self._queue._decode(rec.codec, rec.payload)
@@ -166,7 +172,8 @@ class Consumer:
             want = self._next_batch_size(now)
             grants, self._state = self._queue._index.exchange(
                 self.group, self._owner, acks=self._pending, skips=self._skips, want=want,
-                lease_ms=self._lease_ms, read=self._read)
+                lease_ms=self._lease_ms, read=self._read,
+                choose_level=self._choose_level if self._queue.priority_weights else None)
             self._pending = []
             self._skips = []
             self._batch = want
@@ -174,6 +181,22 @@ class Consumer:
             self._buffer.extend(grants)
         self._queue._after_commit(self._state)
         return bool(grants)
+
+    def _choose_level(self, levels: list[int]) -> int:
+        """Smooth weighted round-robin over the priority levels that have work (priority_weights).
+
+        Each level with work earns its weight per pick and the picked level pays the sum, so
+        over time each level is served in proportion to its weight and none starves.
+        """
+        weights = self._queue.priority_weights
+        assert weights is not None
+        total = 0.0
+        for level in levels:
+            self._credits[level] = self._credits.get(level, 0.0) + weights[level]
+            total += weights[level]
+        best = max(levels, key=lambda level: (self._credits[level], level))
+        self._credits[best] -= total
+        return best
 
     def _next_batch_size(self, now: float) -> int:
         if not self._batch_started:
@@ -197,8 +220,14 @@ class Consumer:
         result = self._queue._log.read(Position(seg, pos), offset, max_records)
         if self._queue.on_corruption == "raise":
             for d in result.damage:
-                if d.length:
+                if not d.length:
+                    continue
+                before = [(s, r) for s, r in result.records if r.offset < d.first_offset]
+                if not before:
                     raise CorruptRecordError(self._queue._log.segment_path(d.segment), d.pos, d.reason)
+                # Deliver what comes before the damage first; the next read starts at it and raises.
+                return ReadResult(before, Position(d.segment, d.pos), d.first_offset,
+                                  [x for x in result.damage if x.next_offset <= d.first_offset])
         for d in result.damage:
             if d.length:
                 log.warning("%s: group %r skipped offsets %d..%d: %s (bytes copied to quarantine/)",
@@ -254,10 +283,27 @@ class Consumer:
             self._check_open()
             if self._held.pop(msg.offset, None) is None:
                 return
-            now_ms = int(time.time() * 1000)
+            # Handed-back messages are due at time 0, so among themselves they come back in
+            # offset order, before anything retried later; the prefetched ones go back too, or
+            # this consumer would hand them out before the one it released.
+            nacks = [(msg.offset, msg._seg, msg._pos, HANDED_BACK_DUE, False)]
+            nacks += [(g.offset, g.seg, g.pos, HANDED_BACK_DUE, False) for g in self._buffer]
+            self._buffer.clear()
             _grants, self._state = self._queue._index.exchange(
-                self.group, self._owner, acks=self._pending, skips=self._skips,
-                nacks=[(msg.offset, msg._seg, msg._pos, now_ms, False)])
+                self.group, self._owner, acks=self._pending, skips=self._skips, nacks=nacks)
+            self._pending = []
+            self._skips = []
+        self._queue._notify_arrival()
+
+    def release_prefetched(self) -> None:
+        """Hand back every prefetched (leased but not handed out) message, uncharged."""
+        with self._lock:
+            if self._closed or not self._buffer:
+                return
+            nacks = [(g.offset, g.seg, g.pos, HANDED_BACK_DUE, False) for g in self._buffer]
+            self._buffer.clear()
+            _grants, self._state = self._queue._index.exchange(
+                self.group, self._owner, acks=self._pending, skips=self._skips, nacks=nacks)
             self._pending = []
             self._skips = []
         self._queue._notify_arrival()
@@ -338,12 +384,14 @@ class Consumer:
 
     def qsize(self) -> int:
         """Messages of this group not yet acked (this handle's own acks count at once)."""
-        counts = self._queue._index.counts(self.group)
+        end = self._queue._log.tail_offset()
+        # Under the lock, so the ack flusher cannot move acks from `_pending` into the index
+        # between the two reads (they would be counted nowhere).
+        with self._lock:
+            counts = self._queue._index.counts(self.group)
+            local = len(self._pending)
         if counts is None:
             return 0
-        end = self._queue._log.tail_offset()
-        with self._lock:
-            local = len(self._pending)
         return max(0, end - counts.committed - counts.acked_above - local)
 
     def empty(self) -> bool:
@@ -353,24 +401,22 @@ class Consumer:
         with self._lock:
             if offset in self._pending:
                 return "done"
-        state = self._queue._index.status(self.group, offset)
+            state = self._queue._index.status(self.group, offset)
         return state or "pending"
 
     # ------------------------------------------------------------------ lifecycle
 
     def _hand_back(self, grants: list[Grant]) -> None:
-        now_ms = int(time.time() * 1000)
         self._queue._index.exchange(self.group, self._owner,
-                                    nacks=[(g.offset, g.seg, g.pos, now_ms, False) for g in grants])
+                                    nacks=[(g.offset, g.seg, g.pos, HANDED_BACK_DUE, False) for g in grants])
 
     def close(self) -> None:
         """Commit pending acks and hand back every lease (prefetched or held), uncharged."""
         with self._lock:
             if self._closed:
                 return
-            now_ms = int(time.time() * 1000)
-            nacks = [(g.offset, g.seg, g.pos, now_ms, False) for g in self._buffer]
-            nacks += [(m.offset, m._seg, m._pos, now_ms, False) for m in self._held.values()]
+            nacks = [(g.offset, g.seg, g.pos, HANDED_BACK_DUE, False) for g in self._buffer]
+            nacks += [(m.offset, m._seg, m._pos, HANDED_BACK_DUE, False) for m in self._held.values()]
             if nacks or self._pending or self._skips:
                 _g, self._state = self._queue._index.exchange(
                     self.group, self._owner, acks=self._pending, skips=self._skips, nacks=nacks)

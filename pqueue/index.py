@@ -19,6 +19,10 @@ Named databases (keys are big-endian so LMDB's byte order is numeric order):
     due      gid|time_ms|offset -> b"B" | b"S"  when a batch (B) or a single record (S) next
                                       needs attention: a lease's deadline or a due time
     dead     gid|offset -> msgpack   offsets that were dead-lettered (for status())
+    ready    gid|255-level|offset -> [seg, pos]  undelivered records of priority > 0, found by
+                                      the group's priority scan (S), highest level first
+    keys     key -> [offset, seg, pos, time_ms]  idempotency keys within the dedup window
+    keytimes time_ms|key -> b""      the same keys by age, for pruning
 
 A single-offset state record overrides the batch the offset falls in (a nack or a reclaim of
 one member of a batch). Durable LMDB commits cost about 390 µs, so a consumer leases many
@@ -45,12 +49,13 @@ from typing import Any, NamedTuple, Protocol
 import lmdb
 import msgpack
 
+from . import schedule
 from .errors import DiskFullError, FormatVersionError, QueueError, ReadOnlyError
-from .record import FORMAT_VERSION
+from .record import ATTR_BOOT, ATTR_NOT_BEFORE, ATTR_PRIORITY, FORMAT_VERSION
 
 log = logging.getLogger(__name__)
 
-DATABASES = ("meta", "groups", "acks", "state", "batches", "due", "dead")
+DATABASES = ("meta", "groups", "acks", "state", "batches", "due", "dead", "ready", "keys", "keytimes")
 MAP_SIZE_BYTES = 256 << 20  # 256 MiB of address space to start; sparse, grows on demand
 MAX_READERS = 512
 _GID = struct.Struct(">I")
@@ -58,6 +63,8 @@ _OFF = struct.Struct(">IQ")
 _DUE = struct.Struct(">IQQ")
 _U64 = struct.Struct(">Q")
 _RP = struct.Struct(">QQQ")
+_READY = struct.Struct(">IBQ")  # gid, 255 - priority level, offset
+SCAN_BATCH = 16384  # records looked at for priorities per transaction
 _packer = msgpack.Packer(use_bin_type=True)
 
 
@@ -100,7 +107,7 @@ def _acquire_env(path: str, readonly: bool) -> lmdb.Environment:
         # sees consistent snapshots of a live queue; on a read-only filesystem it cannot, and
         # reads without it (fine for a queue nobody is writing).
         lock = not readonly or os.access(os.path.join(path, "lock.mdb"), os.W_OK)
-        env = lmdb.open(path, map_size=MAP_SIZE_BYTES, max_dbs=8, max_readers=MAX_READERS, subdir=True,
+        env = lmdb.open(path, map_size=MAP_SIZE_BYTES, max_dbs=16, max_readers=MAX_READERS, subdir=True,
                         readonly=readonly, lock=lock, create=not readonly, mode=0o600)
         _envs[key] = (env, 1)
         return env
@@ -134,14 +141,19 @@ class GroupState:
     dispatch_pos: int
     dead: int = 0
     damaged: int = 0
+    dropped: int = 0  # records deleted unread by a drop_oldest byte cap
+    scan: int = 0  # S: records below it were looked at for priorities (>= D when in use)
+    scan_seg: int = 0
+    scan_pos: int = 0
 
     def pack(self) -> bytes:
         return _pack([self.gid, self.committed, self.committed_seg, self.committed_pos, self.dispatch,
-                      self.dispatch_seg, self.dispatch_pos, self.dead, self.damaged])
+                      self.dispatch_seg, self.dispatch_pos, self.dead, self.damaged, self.dropped,
+                      self.scan, self.scan_seg, self.scan_pos])
 
     @classmethod
     def unpack(cls, data: Any) -> GroupState:
-        return cls(*_unpack(data)[:9])
+        return cls(*_unpack(data)[:13])
 
 
 class Grant(NamedTuple):
@@ -208,6 +220,11 @@ class Index:
         self.env_path = os.path.join(path, "index")
         self.readonly = readonly
         created = not os.path.exists(os.path.join(self.env_path, "data.mdb"))
+        self.fresh = created and not readonly  # a new (or rebuilt) index: keys need restoring
+        if not readonly:
+            # py-lmdb would create the directory with the file mode (0600, no search bit):
+            # create it first, private, so the queue owner can use it.
+            os.makedirs(self.env_path, mode=0o700, exist_ok=True)
         try:
             self.env = _acquire_env(self.env_path, readonly)
         except lmdb.ReadonlyError as exc:
@@ -343,6 +360,7 @@ class Index:
         lease_ms: int = 30_000,
         read: ReadFn | None = None,
         now_ms: int | None = None,
+        choose_level: Callable[[list[int]], int] | None = None,
     ) -> tuple[list[Grant], GroupState]:
         """One durable transaction: apply acks/skips/nacks, then lease up to `want` messages.
 
@@ -377,7 +395,9 @@ class Index:
             tx.advance()
             grants: list[Grant] = []
             if want > 0 and read is not None:
-                grants = tx.lease(owner, want, now, lease_ms, read)
+                prio_raw = txn.get(b"prio_from", db=self.db["meta"])
+                prio_from = None if prio_raw is None else _U64.unpack(prio_raw)[0]
+                grants = tx.lease(owner, want, now, lease_ms, read, prio_from, choose_level)
             tx.advance()
             packed = g.pack()
             if packed != raw:  # an unchanged group costs no commit (LMDB skips clean txns)
@@ -473,6 +493,8 @@ class Index:
                     waiting += 1
                 else:
                     delayed += 1
+            for k, _v in _prefixed(txn, self.db["ready"], prefix):
+                singles.add(_READY.unpack(k)[2])
             done = _DoneSet(txn, self.db["acks"], g)
             for k, v in _prefixed(txn, self.db["batches"], prefix):
                 first, count = _OFF.unpack(k)[1], _unpack(v)[0]
@@ -500,6 +522,9 @@ class Index:
             if offset >= g.dispatch:
                 return "pending"
             v = txn.get(_OFF.pack(g.gid, offset), db=self.db["state"])
+            if v is None and any(txn.get(_READY.pack(g.gid, inv, offset), db=self.db["ready"]) is not None
+                                 for inv in range(0, 256)):
+                return "pending"
             if v is not None:
                 st = _unpack(v)
                 if st[0] == "L":
@@ -509,6 +534,98 @@ class Index:
 
         result: str | None = self.read(fn)
         return result
+
+    def move_group(self, group: str, offset: int, seg: int, pos: int) -> bool:
+        """Set `group`'s committed offset to `offset`, the record at (`seg`, `pos`) (`pqueue groups --set`).
+
+        Everything below `offset` counts as done and everything from it on is delivered again:
+        the group's acks, leases and retry schedule are dropped; its dead-letter count stays.
+        Meant for a stopped group: a lease still held elsewhere may ack an offset afterwards.
+
+        Returns:
+            False when the group does not exist (nothing changed).
+        """
+        key = group.encode()
+
+        def fn(txn: lmdb.Transaction) -> bool:
+            raw = txn.get(key, db=self.db["groups"])
+            if raw is None:
+                return False
+            g = GroupState.unpack(raw)
+            prefix = _GID.pack(g.gid)
+            for name in ("acks", "state", "batches", "due"):
+                cur = txn.cursor(db=self.db[name])
+                if cur.set_range(prefix):
+                    while cur.key()[:4] == prefix and cur.delete():
+                        pass
+            g.committed = g.dispatch = offset
+            g.committed_seg = g.dispatch_seg = seg
+            g.committed_pos = g.dispatch_pos = pos
+            txn.put(key, g.pack(), db=self.db["groups"])
+            return True
+
+        return bool(self.write(fn))
+
+    # ------------------------------------------------------------------ keys, priorities, drops
+
+    def key_lookup(self, key: str) -> list[int] | None:
+        """[offset, seg, pos, time_ms] of idempotency key `key`, or None."""
+        raw = self.read(lambda txn: txn.get(key.encode(), db=self.db["keys"]))
+        return None if raw is None else list(_unpack(raw))
+
+    def key_claim(self, key: str, offset: int, seg: int, pos: int, now_ms: int, window_ms: int) -> None:
+        """Record that `key` names the record about to be written at (seg, pos) as `offset`.
+
+        Durable before the record is written: a crash in between leaves a key that points at
+        a record without it, which the lookup rejects (see keys.py). Up to 32 keys older than
+        the window are pruned in the same transaction, so the table stays bounded.
+        """
+        kb = key.encode()
+
+        def fn(txn: lmdb.Transaction) -> None:
+            old = txn.get(kb, db=self.db["keys"])
+            if old is not None:
+                txn.delete(_U64.pack(_unpack(old)[3]) + kb, db=self.db["keytimes"])
+            txn.put(kb, _pack([offset, seg, pos, now_ms]), db=self.db["keys"])
+            txn.put(_U64.pack(now_ms) + kb, b"", db=self.db["keytimes"])
+            cur = txn.cursor(db=self.db["keytimes"])
+            doomed: list[bytes] = []
+            if cur.first():
+                for k in cur.iternext(values=False):
+                    if len(doomed) >= 32 or _U64.unpack(k[:8])[0] >= now_ms - window_ms:
+                        break
+                    doomed.append(bytes(k))
+            for k in doomed:
+                txn.delete(k, db=self.db["keytimes"])
+                txn.delete(k[8:], db=self.db["keys"])
+
+        self.write(fn)
+
+    def note_priority(self, offset: int) -> None:
+        """Remember that records from `offset` on may carry priorities (turns the scan on)."""
+        def fn(txn: lmdb.Transaction) -> None:
+            if txn.get(b"prio_from", db=self.db["meta"]) is None:
+                txn.put(b"prio_from", _U64.pack(offset), db=self.db["meta"])
+        self.write(fn)
+
+    def priority_from(self) -> int | None:
+        raw = self.read(lambda txn: txn.get(b"prio_from", db=self.db["meta"]))
+        return None if raw is None else int(_U64.unpack(raw)[0])
+
+    def count_dropped(self, first: int, nxt: int) -> None:
+        """A byte cap deleted offsets [first, nxt) unread: count them for `stat`."""
+        def fn(txn: lmdb.Transaction) -> None:
+            raw = txn.get(b"dropped", db=self.db["meta"])
+            total = (0 if raw is None else _U64.unpack(raw)[0]) + (nxt - first)
+            txn.put(b"dropped", _U64.pack(total), db=self.db["meta"])
+        self.write(fn)
+
+    def dropped(self) -> int:
+        db = self.db.get("meta")
+        if db is None:
+            return 0
+        raw = self.read(lambda txn: txn.get(b"dropped", db=db))
+        return 0 if raw is None else int(_U64.unpack(raw)[0])
 
     def record_dead(self, group: str, offset: int, info: dict[str, Any]) -> None:
         """Remember that `offset` was dead-lettered (the ack itself goes through exchange)."""
@@ -567,6 +684,7 @@ class _Txn:
         self.txn = txn
         self.g = g
         self.acks = index.db["acks"]
+        self.ready = index.db["ready"]
         self.state = index.db["state"]
         self.batches = index.db["batches"]
         self.due = index.db["due"]
@@ -625,13 +743,15 @@ class _Txn:
                 self._drop_batch(first, st[3])
         for offset, _st in list(_prefixed_items(txn, self.state, self.prefix, below=g.committed)):
             self._drop_state(offset)
-        if g.committed >= g.dispatch:
+        # The committed position is exact when W meets D; otherwise it is the last exact one
+        # (a position at or before W). W passes D only over acked priority records, which the
+        # dispatch cursor skips when it gets there: D never moves without its position.
+        if g.committed == g.dispatch:
             g.committed_seg, g.committed_pos = g.dispatch_seg, g.dispatch_pos
-            g.dispatch = max(g.dispatch, g.committed)
 
     def hand_back(self, offset: int, seg: int, pos: int, due: int, charged: bool) -> None:
         """Make `offset` deliverable again at `due`; uncharged hand-backs keep its attempt count."""
-        if offset < self.g.committed or offset >= self.g.dispatch:
+        if offset < self.g.committed or offset >= max(self.g.dispatch, self.g.scan):
             return
         if _DoneSet(self.txn, self.acks, self.g).contains(offset):
             return
@@ -668,8 +788,10 @@ class _Txn:
         st: list[Any] = _unpack(cur.value())
         return st if first <= offset < first + st[0] else None
 
-    def lease(self, owner: list[Any], want: int, now: int, lease_ms: int, read: ReadFn) -> list[Grant]:
-        """Lease due messages, or else up to `want` fresh offsets as one batch record.
+    def lease(self, owner: list[Any], want: int, now: int, lease_ms: int, read: ReadFn,
+              prio_from: int | None = None, choose_level: Callable[[list[int]], int] | None = None,
+              ) -> list[Grant]:
+        """Lease due messages, else the highest-priority ready ones, else fresh offsets as a batch.
 
         Due messages come first, oldest due first. One that was delivered before (a retry) is
         leased alone, so a task that crashes its process does not charge its neighbours;
@@ -678,7 +800,57 @@ class _Txn:
         g = self.g
         deadline = now + lease_ms
         for first, st in self._due(now, b"B"):
-            self._reclaim_batch(first, st, now, read)
+            self._reclaim_batch(first, st, now, read, prio_from is not None)
+        grants = self._lease_due(owner, want, now, deadline, read)
+        if grants:
+            return grants
+        if prio_from is not None:
+            self._scan_priorities(prio_from, now, read)
+            levels = self._ready_levels()
+            if levels:
+                level = levels[0] if choose_level is None else choose_level(levels + [0])
+                if level:
+                    return self._lease_ready(owner, level, want, deadline, read)
+        result = read(g.dispatch_seg, g.dispatch_pos, g.dispatch, want)
+        for d in result.damage:
+            self._skip(d)
+        next_offset, position = result.next_offset, result.position
+        for seg, rec in result.records:
+            if prio_from is not None and rec.offset >= g.scan:
+                # Never dispatch past the priority scan: records there were not looked at yet.
+                next_offset, position = rec.offset, (seg, rec.pos)
+                break
+            attrs = rec.attrs
+            if attrs:
+                if prio_from is not None and attrs.get(ATTR_PRIORITY):
+                    continue  # found by the scan: in `ready`, leased or waiting
+                due = _due_ms(rec, now)
+                if due > now:
+                    self._put_waiting(rec.offset, 0, due, seg, rec.pos)
+                    continue
+            grants.append(Grant(rec.offset, seg, rec.pos, 1, deadline, rec))
+        if grants:
+            first, count = grants[0].offset, grants[-1].offset - grants[0].offset + 1
+            self.txn.put(self._key(first), _pack([count, owner, 1, deadline, grants[0].seg, grants[0].pos]),
+                         db=self.batches)
+            self.txn.put(_DUE.pack(g.gid, deadline, first), b"B", db=self.due)
+        g.dispatch = max(g.dispatch, next_offset)
+        g.dispatch_seg, g.dispatch_pos = position
+        return grants
+
+    def _skip(self, d: Any) -> None:
+        """Offsets lost to damage, a gap or a dropped segment are done, and counted."""
+        lost = d.next_offset - max(d.first_offset, self.g.committed)
+        self.mark_done(d.first_offset, d.next_offset)
+        if lost <= 0:
+            return
+        if d.reason == "segment deleted":
+            self.g.dropped += lost
+        elif d.length:
+            self.g.damaged += lost
+
+    def _lease_due(self, owner: list[Any], want: int, now: int, deadline: int, read: ReadFn) -> list[Grant]:
+        g = self.g
         grants: list[Grant] = []
         for offset, st in self._due(now, b"S", limit=want):
             if st[0] == "L":
@@ -689,32 +861,90 @@ class _Txn:
             if attempt > 0 and grants:
                 break
             got = read(seg, pos, offset, 1)
-            self._drop_state(offset)
             if not got.records or got.records[0][1].offset != offset:
                 # The record is gone (a deleted segment) or unreadable: it can never be delivered.
+                self._drop_state(offset)
                 self.mark_done(offset, offset + 1)
                 g.damaged += 1
                 continue
-            self.txn.put(self._key(offset), _pack(["L", owner, attempt + 1, deadline, seg, pos]), db=self.state)
-            self.txn.put(_DUE.pack(g.gid, deadline, offset), b"S", db=self.due)
-            grants.append(Grant(offset, seg, pos, attempt + 1, deadline, got.records[0][1]))
+            rec = got.records[0][1]
+            if attempt == 0 and rec.attrs:
+                # Due by the wall clock; the boot clock may say a clock step brought it forward.
+                due = _due_ms(rec, now)
+                if due > now:
+                    self._drop_state(offset)
+                    self._put_waiting(offset, 0, due, seg, pos)
+                    continue
+            self._drop_state(offset)
+            self._lease_one(owner, offset, seg, pos, attempt + 1, deadline)
+            grants.append(Grant(offset, seg, pos, attempt + 1, deadline, rec))
             if attempt > 0:
                 break
-        if grants:
-            return grants
-        result = read(g.dispatch_seg, g.dispatch_pos, g.dispatch, want)
-        for d in result.damage:
-            self.mark_done(d.first_offset, d.next_offset)
-            g.damaged += d.next_offset - d.first_offset
+        return grants
+
+    def _lease_one(self, owner: list[Any], offset: int, seg: int, pos: int, attempt: int, deadline: int) -> None:
+        self.txn.put(self._key(offset), _pack(["L", owner, attempt, deadline, seg, pos]), db=self.state)
+        self.txn.put(_DUE.pack(self.g.gid, deadline, offset), b"S", db=self.due)
+
+    def _scan_priorities(self, prio_from: int, now: int, read: ReadFn) -> None:
+        """Move the group's priority scan S to the end of the log (at most SCAN_BATCH records).
+
+        Every record of priority > 0 at or after the dispatch cursor goes to `ready` (or waits,
+        if delayed); dispatch then skips them and never passes S.
+        """
+        g = self.g
+        if g.scan < g.dispatch:
+            g.scan, g.scan_seg, g.scan_pos = g.dispatch, g.dispatch_seg, g.dispatch_pos
+        result = read(g.scan_seg, g.scan_pos, g.scan, SCAN_BATCH)
         for seg, rec in result.records:
-            grants.append(Grant(rec.offset, seg, rec.pos, 1, deadline, rec))
-        if grants:
-            first, count = grants[0].offset, grants[-1].offset - grants[0].offset + 1
-            self.txn.put(self._key(first), _pack([count, owner, 1, deadline, grants[0].seg, grants[0].pos]),
-                         db=self.batches)
-            self.txn.put(_DUE.pack(g.gid, deadline, first), b"B", db=self.due)
-        g.dispatch = max(g.dispatch, result.next_offset)
-        g.dispatch_seg, g.dispatch_pos = result.position
+            level = rec.attrs.get(ATTR_PRIORITY) if rec.attrs else None
+            if not level or rec.offset < prio_from:
+                continue
+            due = _due_ms(rec, now)
+            if due > now:
+                self._put_waiting(rec.offset, 0, due, seg, rec.pos)
+            else:
+                self.txn.put(_READY.pack(g.gid, 255 - int(level), rec.offset), _pack([seg, rec.pos]),
+                             db=self.ready)
+        g.scan = max(g.scan, result.next_offset)
+        g.scan_seg, g.scan_pos = result.position
+
+    def _ready_levels(self) -> list[int]:
+        """Priority levels with ready records, highest first."""
+        levels: list[int] = []
+        cur = self.txn.cursor(db=self.ready)
+        key = _READY.pack(self.g.gid, 0, 0)
+        while cur.set_range(key):
+            gid, inv, _offset = _READY.unpack(cur.key())
+            if gid != self.g.gid:
+                break
+            levels.append(255 - inv)
+            if inv == 255:
+                break
+            key = _READY.pack(self.g.gid, inv + 1, 0)
+        return levels
+
+    def _lease_ready(self, owner: list[Any], level: int, want: int, deadline: int, read: ReadFn) -> list[Grant]:
+        """Lease up to `want` ready records of `level`, oldest first, one state record each."""
+        grants: list[Grant] = []
+        cur = self.txn.cursor(db=self.ready)
+        prefix = _READY.pack(self.g.gid, 255 - level, 0)[:5]
+        taken: list[tuple[bytes, int, int, int]] = []
+        if cur.set_range(prefix):
+            for k, v in cur:
+                if k[:5] != prefix or len(taken) >= want:
+                    break
+                seg, pos = _unpack(v)
+                taken.append((bytes(k), _READY.unpack(k)[2], seg, pos))
+        for k, offset, seg, pos in taken:
+            self.txn.delete(k, db=self.ready)
+            got = read(seg, pos, offset, 1)
+            if not got.records or got.records[0][1].offset != offset:
+                self.mark_done(offset, offset + 1)
+                self.g.damaged += 1
+                continue
+            self._lease_one(owner, offset, seg, pos, 1, deadline)
+            grants.append(Grant(offset, seg, pos, 1, deadline, got.records[0][1]))
         return grants
 
     def _due(self, now: int, kind: bytes, limit: int = 1 << 30) -> list[tuple[int, list[Any]]]:
@@ -735,8 +965,12 @@ class _Txn:
                 out.append((offset, _unpack(st)))
         return out
 
-    def _reclaim_batch(self, first: int, st: list[Any], now: int, read: ReadFn) -> None:
-        """A batch lease ran out: every member not done nor overridden waits for a retry."""
+    def _reclaim_batch(self, first: int, st: list[Any], now: int, read: ReadFn, priorities: bool) -> None:
+        """A batch lease ran out: every member not done nor overridden waits for a retry.
+
+        Members that were not handed out with the batch (priority records, which live in
+        `ready` or have their own state; delayed ones, which have their own state) are skipped.
+        """
         count, attempt, deadline, seg, pos = st[0], st[2], st[3], st[4], st[5]
         self._drop_batch(first, deadline)
         done = _DoneSet(self.txn, self.acks, self.g)
@@ -745,6 +979,8 @@ class _Txn:
             if rec.offset >= first + count:
                 break
             if done.contains(rec.offset) or self.txn.get(self._key(rec.offset), db=self.state) is not None:
+                continue
+            if priorities and rec.attrs and rec.attrs.get(ATTR_PRIORITY):
                 continue
             self._put_waiting(rec.offset, attempt, now, rseg, rec.pos)
         for d in result.damage:
@@ -769,6 +1005,15 @@ def _prefixed_items(txn: lmdb.Transaction, db: Any, prefix: bytes, *, below: int
         if offset >= below:
             return
         yield offset, _unpack(v)
+
+
+def _due_ms(rec: Any, now_ms: int) -> int:
+    """When a record with a not-before attribute is due, in wall-clock ms (0 when it has none)."""
+    not_before = rec.attrs.get(ATTR_NOT_BEFORE) if rec.attrs else None
+    if not_before is None:
+        return 0
+    due = schedule.due_at(float(not_before), rec.timestamp_ns / 1e9, rec.attrs.get(ATTR_BOOT), now_ms / 1000)
+    return int(due * 1000)
 
 
 def _fsync_dir(path: str) -> None:

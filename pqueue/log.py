@@ -14,8 +14,9 @@ Fsync policies (``FsyncPolicy``):
   appenders share one fsync (group commit): a leader syncs while the others wait; before it
   syncs, the leader yields as long as new writes keep arriving (at most 200 µs) so the threads
   released by the previous sync are covered by this one.
-* interval (default): a background thread fsyncs within ``interval`` seconds of the first
-  unsynced write; an append that leaves ``every`` records unsynced syncs at once itself.
+* interval (default, 100 ms): a background thread fsyncs within ``interval`` seconds of the
+  first unsynced write; with a record bound (``"50ms/1000"``) an append that leaves ``every``
+  records unsynced syncs at once itself, so the bound is strict.
 * ``never``: the OS decides; segments are still fsynced when sealed and on close.
 
 Recovery: opening as a writer scans only from the recovery point (the last position known to
@@ -44,8 +45,9 @@ from typing import NamedTuple
 from crc32c import crc32c
 
 from . import segment
-from .errors import DiskFullError, QueueError, ReadOnlyError, RecordTooLargeError
+from .errors import DiskFullError, Full, QueueError, ReadOnlyError, RecordTooLargeError
 from .record import (
+    RECORD_HEADER_BYTES,
     SEGMENT_HEADER_BYTES,
     Record,
     Seal,
@@ -66,6 +68,7 @@ WAITER_POLL_SECONDS = 0.0001  # a waiting writer polls the lock this often ...
 WAITER_POLL_LIMIT_SECONDS = 0.05  # ... for at most 50 ms, then blocks in flock()
 GATHER_SECONDS = 0.0002  # group-commit leader waits at most 200 µs for more writers
 RECOVERY_POINT_SECONDS = 1.0  # persist the recovery point at most once a second
+FULL_POLL_SECONDS = 0.01  # a put blocked by max_bytes looks for room this often
 RESYNC_WINDOW_BYTES = 4 << 20  # look this far past damage for the next valid record
 RESYNC_CANDIDATES = 4096  # offsets tried when stepping over damage
 LOCK_FILE_BYTES = 8  # write.lock: byte 0 is the "a writer is waiting" flag
@@ -81,7 +84,7 @@ class FsyncPolicy:
 
     @classmethod
     def parse(cls, spec: str | float | int | FsyncPolicy) -> FsyncPolicy:
-        """Accept "always", "never", "interval" (100 ms or 1000 records), a number of seconds,
+        """Accept "always", "never", "interval" (a 100 ms window), a number of seconds,
         or a string such as "50ms", "2s", "1000 records" or "50ms/1000"."""
         if isinstance(spec, FsyncPolicy):
             return spec
@@ -97,7 +100,7 @@ class FsyncPolicy:
         if text in ("always", "never"):
             return cls(text)
         if text == "interval":
-            return cls("interval", 0.1, 1000)
+            return cls("interval", 0.1, 0)
         interval, every = 0.0, 0
         for part in text.split("/"):
             m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|records?)?\s*", part)
@@ -173,6 +176,10 @@ class Log:
         save_recovery_point: Callable[[RecoveryPoint], None],
         min_next_offset: Callable[[], int],
         on_append: Callable[[], None],
+        max_bytes: int | None = None,
+        on_full: str = "block",
+        on_drop: Callable[[int, int], None] = lambda first, nxt: None,
+        retain: Callable[[], None] = lambda: None,
     ) -> None:
         self.path = path
         self.log_dir = os.path.join(path, "log")
@@ -184,6 +191,10 @@ class Log:
         self._save_rp = save_recovery_point
         self._min_next_offset = min_next_offset
         self._on_append = on_append
+        self.max_bytes = max_bytes
+        self.on_full = on_full
+        self._on_drop = on_drop
+        self._retain = retain
         self.waiters = 0  # getters of this process blocked until the next append (Queue sets it)
         self._readers: dict[int, int] = {}  # segment base -> O_RDONLY fd, for readers
         self._readers_lock = threading.Lock()  # guards _readers
@@ -270,8 +281,133 @@ class Log:
             self._on_append()
         return offset
 
-    def append_many(self, items: list[tuple[int, bytes, bytes]]) -> list[int]:
-        """Append several records with one write and at most one fsync; return their offsets."""
+    def append_checked(
+        self,
+        codec: int,
+        attrs: bytes,
+        payload: bytes,
+        *,
+        before: Callable[[int, int, int], int | None] | None = None,
+        timeout: float | None = None,
+    ) -> int:
+        """Append one record after the checks a plain `append` skips; return its offset.
+
+        Args:
+            before: called as before(offset, segment, pos) with the append lock held, just
+                before the write; returning an offset skips the write and returns that
+                offset instead (an idempotency key seen before).
+            timeout: how long a full byte cap (on_full="block") may wait for room; None is
+                for ever, 0 is not at all.
+        Raises:
+            Full: over max_bytes with on_full="raise", or "block" ran out of time.
+            and everything `append` raises.
+        """
+        n = len(payload)
+        if n > self.max_record_bytes:
+            raise RecordTooLargeError(
+                f"payload is {n} bytes, over max_record_bytes={self.max_record_bytes}; "
+                f"split it or open the queue with a larger max_record_bytes")
+        self._acquire_room(RECORD_HEADER_BYTES + len(attrs) + n, timeout)
+        try:
+            offset = self._next
+            if before is not None:
+                seen = before(offset, self._seg, self._pos)
+                if seen is not None:
+                    return seen
+            data = encode_record(offset, _time_ns(), codec, attrs, payload)
+            try:
+                segment.write_all(self._fd, data)
+            except OSError as exc:
+                raise self._failed_write(exc) from exc
+            self._pos += len(data)
+            self._next = offset + 1
+            self._seq = seq = self._seq + 1
+            if self._pos >= self.segment_bytes:
+                self._roll(offset + 1)
+        finally:
+            self._wlock.release()
+        if seq >= self._sync_due_seq:
+            self._after_write(seq)
+        if self.waiters:
+            self._on_append()
+        return offset
+
+    def _acquire_room(self, need: int, timeout: float | None) -> None:
+        """Return holding _wlock and the OS lock, with room for `need` more bytes.
+
+        With on_full="block" the locks are let go while waiting for consumers to ack and
+        retention to delete segments, for at most `timeout` seconds (None: for ever).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            self._wlock.acquire()
+            try:
+                if not self._have_flock:
+                    self._take_flock()
+                if self.max_bytes is None or self._make_room(need):
+                    return
+            except BaseException:
+                self._wlock.release()
+                raise
+            self._wlock.release()
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise Full(f"{self.path}: the queue holds {self.disk_bytes()} bytes, at its max_bytes="
+                           f"{self.max_bytes}; nothing was written (waited {timeout} s for room)")
+            time.sleep(FULL_POLL_SECONDS if remaining is None else min(FULL_POLL_SECONDS, remaining))
+
+    def _make_room(self, need: int) -> bool:
+        """Whether `need` more bytes fit under max_bytes (caller holds _wlock and the flock).
+
+        on_full="raise" raises Full; "drop_oldest" deletes the oldest sealed segments, read or
+        not, until the record fits; "block" returns False so the caller waits.
+        """
+        assert self.max_bytes is not None
+        if self.disk_bytes() + need <= self.max_bytes:
+            return True
+        # Consumed data may still be on disk: retention runs when a group's committed offset
+        # crosses a segment, and the active segment is never deleted. Seal a large active
+        # segment so that its consumed records can go, then delete what every group is done with.
+        if self._pos - SEGMENT_HEADER_BYTES >= self.max_bytes // 4:
+            self._roll(self._next)
+        self._retain()
+        if self.disk_bytes() + need <= self.max_bytes:
+            return True
+        if self.on_full == "raise":
+            raise Full(f"{self.path}: the queue holds {self.disk_bytes()} bytes and a record of {need} "
+                       f"does not fit under max_bytes={self.max_bytes}; nothing was written")
+        if self.on_full == "drop_oldest":
+            bases = self.segments()
+            while len(bases) > 1 and self.disk_bytes() + need > self.max_bytes:
+                first, nxt = bases[0], bases[1]
+                self._drop_reader(first)
+                try:
+                    os.unlink(self.segment_path(first))
+                except FileNotFoundError:
+                    pass
+                segment.fsync_dir(self.log_dir)
+                log.warning("%s: max_bytes=%d reached: dropped segment %d with offsets %d..%d, read or not",
+                            self.path, self.max_bytes, first, first, nxt - 1)
+                self._on_drop(first, nxt)
+                bases = self.segments()
+            return self.disk_bytes() + need <= self.max_bytes or len(bases) <= 1
+        return False
+
+    def disk_bytes(self) -> int:
+        """Bytes of all segment files now (one stat per segment)."""
+        total = 0
+        for base in self.segments():
+            try:
+                total += os.stat(self.segment_path(base)).st_size
+            except FileNotFoundError:
+                pass  # deleted meanwhile
+        return total
+
+    def append_many(self, items: list[tuple[int, bytes, bytes]], *, timeout: float | None = None) -> list[int]:
+        """Append several records with one write and at most one fsync; return their offsets.
+
+        All or nothing: a byte cap is checked for the whole batch first.
+        """
         for _codec, _attrs, payload in items:
             if len(payload) > self.max_record_bytes:
                 raise RecordTooLargeError(
@@ -279,9 +415,9 @@ class Log:
                     f"nothing was written")
         if not items:
             return []
-        with self._wlock:
-            if not self._have_flock:
-                self._take_flock()
+        need = sum(RECORD_HEADER_BYTES + len(a) + len(p) for _c, a, p in items)
+        self._acquire_room(need, timeout)
+        try:
             first = self._next
             now = time.time_ns()
             data = b"".join(encode_record(first + i, now, c, a, p) for i, (c, a, p) in enumerate(items))
@@ -294,6 +430,8 @@ class Log:
             self._seq = seq = self._seq + len(items)
             if self._pos >= self.segment_bytes:
                 self._roll(self._next)
+        finally:
+            self._wlock.release()
         if seq >= self._sync_due_seq:
             self._after_write(seq)
         if self.waiters:
@@ -582,15 +720,16 @@ class Log:
                 continue
             if result.stop == "end":
                 break
-            # "incomplete" or "bad": is it rot with valid records behind it, or a torn tail?
+            # "incomplete" or "bad": is it rot with valid records behind it, or a torn tail? A
+            # damaged length field looks "incomplete" (it points past the end of the file), so
+            # both are checked for valid records behind them before anything is cut.
             end = os.lseek(rfd, 0, os.SEEK_END)
-            if result.stop == "bad":
-                found = self._resync(rfd, pos, next_offset, end)
-                if found is not None:
-                    log.warning("%s: damaged bytes at %d in segment %d; readers will skip them",
-                                self.log_dir, pos, seg)
-                    pos, next_offset = found
-                    continue
+            found = self._resync(rfd, pos, next_offset, end)
+            if found is not None:
+                log.warning("%s: damaged bytes at %d in segment %d; readers will skip them",
+                            self.log_dir, pos, seg)
+                pos, next_offset = found
+                continue
             self._quarantine(seg, pos, end - pos, "torn tail")
             os.ftruncate(self._fd, pos)
             os.fsync(self._fd)  # rule 7: the truncation is durable before anything is appended
@@ -794,18 +933,23 @@ class Log:
                 rechecked = False
                 continue
             end = os.lseek(fd, 0, os.SEEK_END)
-            if result.stop == "bad":
+            if result.stop != "end":
+                # "bad", or "incomplete" with a length field that may be damaged: valid records
+                # behind it make it rot (a write in progress has nothing valid behind it).
                 found = self._resync(fd, pos, next_offset, end)
                 if found is not None:
                     length = found[0] - pos
-                    damage.append(Damage(seg, pos, length, next_offset, found[1], result.reason))
-                    self._quarantine(seg, pos, length, result.reason)
+                    reason = result.reason or "length field points past the end of the record"
+                    damage.append(Damage(seg, pos, length, next_offset, found[1], reason))
+                    self._quarantine(seg, pos, length, reason)
                     pos, next_offset = found
                     continue
             # The end of this segment for now. Only the newest segment is ever written, so if a
             # newer one exists and this one is still unsealed after a second look (the seal may
             # have landed meanwhile), it was abandoned after a failed write or fsync.
-            newer = [b for b in self._listing() if b > seg]
+            # A position past the end of the file means the file was cut (a power loss took
+            # the tail and a writer has moved on): look for the newer segment at once.
+            newer = [b for b in self._listing(force=end < pos) if b > seg]
             if not newer:
                 break
             if not rechecked:
@@ -821,10 +965,10 @@ class Log:
             rechecked = False
         return ReadResult(out, Position(seg, pos), next_offset, damage)
 
-    def _listing(self) -> list[int]:
+    def _listing(self, *, force: bool = False) -> list[int]:
         """The segment list, refreshed at most once a second (only abandoned segments need it)."""
         taken, bases = self._segments_cache
-        if time.monotonic() - taken > 1.0:
+        if force or time.monotonic() - taken > 1.0:
             return self.segments()
         return bases
 
@@ -863,7 +1007,13 @@ class Log:
             fd = self._reader_fd(position.segment)
         except FileNotFoundError:
             return True  # deleted under the reader: let it move on
-        return os.lseek(fd, 0, os.SEEK_END) > max(position.pos, SEGMENT_HEADER_BYTES)
+        # A file shorter than the position was cut under the reader: let read() sort it out.
+        if os.lseek(fd, 0, os.SEEK_END) != max(position.pos, SEGMENT_HEADER_BYTES):
+            return True
+        # At the end of an unsealed segment with a newer one beside it (abandoned after a
+        # failed write or fsync): read() moves on. The listing is at most a second old.
+        listing = self._listing()
+        return bool(listing) and listing[-1] > position.segment
 
     def tail_offset(self) -> int:
         """The offset the next record will get, as far as the bytes on disk tell.

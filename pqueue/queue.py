@@ -7,17 +7,27 @@ import threading
 import time
 import traceback
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from types import TracebackType
 from typing import Any, final
 
-from . import layout
+from . import layout, schedule
 from .consumer import Consumer, check_timeout
 from .errors import ClosedError, QueueError, SerializationError
 from .index import Grant, GroupState, Index, is_unreadable
+from .keys import Keys
 from .log import FsyncPolicy, Log, Position
 from .message import Message
-from .record import ATTR_META, RecordError, encode_attrs
+from .record import (
+    ATTR_BOOT,
+    ATTR_EXPIRES,
+    ATTR_KEY,
+    ATTR_META,
+    ATTR_NOT_BEFORE,
+    ATTR_PRIORITY,
+    RecordError,
+    encode_attrs,
+)
 from .serializers import Serializer, decoder, resolve
 
 SEGMENT_BYTES = 64 << 20  # 64 MiB per segment file
@@ -25,6 +35,9 @@ MAX_RECORD_BYTES = 16 << 20  # 16 MiB per payload
 LEASE_SECONDS = 30.0  # visibility timeout of a delivered message
 ACK_INTERVAL_SECONDS = 0.02  # pending acks become durable within 20 ms
 DEFAULT_GROUP = "default"
+DEDUP_WINDOW_SECONDS = 24 * 3600.0  # idempotency keys are remembered for 24 hours
+PRIORITY_LEVELS = 10  # priorities 0 (lowest) to 9
+MAX_KEY_BYTES = 1024
 
 _live: weakref.WeakSet[Queue] = weakref.WeakSet()
 
@@ -68,11 +81,44 @@ class Queue:
         lease: float = LEASE_SECONDS,
         ack_interval: float = ACK_INTERVAL_SECONDS,
         on_corruption: str = "skip",
+        max_bytes: int | None = None,
+        on_full: str = "block",
+        dedup_window: float = DEDUP_WINDOW_SECONDS,
+        priorities: int = PRIORITY_LEVELS,
+        priority_weights: Sequence[float] | None = None,
+        on_expire: str = "dlq",
         create: bool = True,
     ) -> None:
         self.path = os.fspath(path)
         self._closed = True
         policy = FsyncPolicy.parse(fsync)
+        if max_bytes is not None:
+            if not isinstance(max_bytes, int) or max_bytes < 8 * 4096:
+                raise ValueError("max_bytes must be None or an int of at least 32768")
+            if segment_bytes == SEGMENT_BYTES:
+                # Retention frees whole segments: keep them small against the cap.
+                segment_bytes = max(4096, max_bytes // 8)
+            elif segment_bytes > max_bytes // 2:
+                raise ValueError(f"segment_bytes={segment_bytes} must be at most half of max_bytes={max_bytes}: "
+                                 f"space is freed a whole segment at a time")
+        if on_full not in ("block", "raise", "drop_oldest"):
+            raise ValueError("on_full must be 'block', 'raise' or 'drop_oldest'")
+        if not isinstance(dedup_window, (int, float)) or dedup_window <= 0:
+            raise ValueError("'dedup_window' must be a positive number of seconds")
+        if not isinstance(priorities, int) or not 1 <= priorities <= 256:
+            raise ValueError("priorities must be an int from 1 to 256 (levels 0..priorities-1)")
+        if priority_weights is not None:
+            weights = [float(w) for w in priority_weights]
+            if len(weights) != priorities or any(w <= 0 for w in weights):
+                raise ValueError(f"priority_weights must give a positive weight to each of the {priorities} levels")
+        if on_expire not in ("dlq", "drop"):
+            raise ValueError("on_expire must be 'dlq' or 'drop'")
+        self.max_bytes = max_bytes
+        self.on_full = on_full
+        self.dedup_window = float(dedup_window)
+        self.priorities = priorities
+        self.priority_weights = None if priority_weights is None else [float(w) for w in priority_weights]
+        self.on_expire = on_expire
         if not isinstance(segment_bytes, int) or segment_bytes < 4096:
             raise ValueError("segment_bytes must be an int of at least 4096")
         if not isinstance(max_record_bytes, int) or not 0 < max_record_bytes <= 1 << 30:
@@ -103,6 +149,10 @@ class Queue:
             save_recovery_point=self._index.save_recovery_point,
             min_next_offset=self._index.max_dispatched,
             on_append=self._notify_arrival,
+            max_bytes=max_bytes,
+            on_full=on_full,
+            on_drop=self._index.count_dropped,
+            retain=self._retain,
         )
         # _arrival wakes getters of this process when any handle of it appends.
         self._arrival = threading.Condition(threading.Lock())
@@ -110,6 +160,9 @@ class Queue:
         self._consumers_lock = threading.Lock()  # guards _consumers
         self._dlq: Queue | None = None
         self._dlq_lock = threading.Lock()  # guards _dlq
+        self._keys = Keys(self)
+        if self._index.fresh and self._log.segments():
+            self._keys.rebuild()  # a new index beside an old log: keys travel in the records
         self._dumps = self._codec.dumps
         self._codec_id = self._codec.codec
         self._append = self._log.append
@@ -144,27 +197,109 @@ class Queue:
 
     # ------------------------------------------------------------------ put
 
-    def put(self, item: Any) -> int:
+    def put(
+        self,
+        item: Any,
+        block: bool = True,
+        timeout: float | None = None,
+        *,
+        key: str | None = None,
+        priority: int | None = None,
+        delay: float | None = None,
+        not_before: float | None = None,
+        ttl: float | None = None,
+    ) -> int:
         """Append `item` and return its offset. Durable per the fsync policy on return.
 
+        Args:
+            block, timeout: with a byte cap and on_full="block", whether and how long to wait
+                for room (like `queue.Queue.put`); otherwise unused.
+            key: an idempotency key: a put with a key seen within `dedup_window` seconds
+                writes nothing and returns the first put's offset (across processes and
+                crashes), so a producer may retry a put safely.
+            priority: 0 (lowest, the default) to priorities-1; higher levels are delivered
+                first within each group, FIFO within a level.
+            delay / not_before: do not deliver before `delay` seconds from now / this Unix time.
+            ttl: seconds after which an undelivered message expires (dead-lettered with reason
+                "expired", or dropped with on_expire="drop").
         Raises:
             SerializationError: the serializer cannot encode `item` (nothing written).
             RecordTooLargeError: the encoded item is over max_record_bytes (nothing written).
+            Full: no room under max_bytes (nothing written).
             DiskFullError, ReadOnlyError: the write failed; the partial record was removed.
             ClosedError: the queue was closed.
+            ValueError, TypeError: a bad option (nothing written).
         """
         if self._closed:
             raise ClosedError(f"queue {self.path} is closed")
+        if (key is None and priority is None and delay is None and not_before is None and ttl is None
+                and self.max_bytes is None):
+            try:
+                payload = self._dumps(item)
+            except Exception as exc:
+                raise SerializationError(
+                    f"cannot serialize {type(item).__name__} with {self._codec.name}: {exc}; nothing was "
+                    f"written") from exc
+            return self._append(self._codec_id, b"", payload)
+        check_timeout(timeout)
+        attrs = self._attrs(key, priority, delay, not_before, ttl)
         try:
             payload = self._dumps(item)
         except Exception as exc:
             raise SerializationError(
                 f"cannot serialize {type(item).__name__} with {self._codec.name}: {exc}; nothing was "
                 f"written") from exc
-        return self._append(self._codec_id, b"", payload)
+        before = self._keys.before_put(key, bool(priority)) if key is not None or priority else None
+        return self._log.append_checked(self._codec_id, encode_attrs(attrs), payload, before=before,
+                                        timeout=timeout if block else 0)
 
-    def put_many(self, items: Iterable[Any]) -> list[int]:
-        """Append several items with one write and at most one fsync; all or nothing on error."""
+    def put_nowait(self, item: Any, **options: Any) -> int:
+        """put() that never waits for room under a byte cap."""
+        return self.put(item, False, **options)
+
+    def full(self) -> bool:
+        """Whether the byte cap is reached (always False without max_bytes)."""
+        return self.max_bytes is not None and self._log.disk_bytes() >= self.max_bytes
+
+    def _attrs(self, key: str | None, priority: int | None, delay: float | None, not_before: float | None,
+               ttl: float | None) -> dict[int, Any]:
+        """Validate put() options into record attributes (a bad one raises, nothing written)."""
+        attrs: dict[int, Any] = {}
+        now = time.time()
+        if key is not None:
+            if not isinstance(key, str) or not key or len(key.encode()) > MAX_KEY_BYTES:
+                raise ValueError(f"key must be a non-empty str of at most {MAX_KEY_BYTES} bytes")
+            attrs[ATTR_KEY] = key
+        if priority is not None:
+            if not isinstance(priority, int) or isinstance(priority, bool) or not 0 <= priority < self.priorities:
+                raise ValueError(f"priority must be an int from 0 to {self.priorities - 1}")
+            if priority:
+                attrs[ATTR_PRIORITY] = priority
+        if delay is not None and not_before is not None:
+            raise ValueError("give delay or not_before, not both")
+        if delay is not None:
+            if not isinstance(delay, (int, float)) or delay < 0:
+                raise ValueError("'delay' must be a non-negative number of seconds")
+            if delay > 0:
+                attrs[ATTR_NOT_BEFORE] = now + delay
+                attrs[ATTR_BOOT] = schedule.stamp(delay)
+        if not_before is not None:
+            if not isinstance(not_before, (int, float)):
+                raise TypeError("not_before must be a Unix time in seconds")
+            if not_before > now:
+                attrs[ATTR_NOT_BEFORE] = float(not_before)
+                attrs[ATTR_BOOT] = schedule.stamp(not_before - now)
+        if ttl is not None:
+            if not isinstance(ttl, (int, float)) or ttl <= 0:
+                raise ValueError("'ttl' must be a positive number of seconds")
+            attrs[ATTR_EXPIRES] = now + ttl
+        return attrs
+
+    def put_many(self, items: Iterable[Any], *, timeout: float | None = None) -> list[int]:
+        """Append several items with one write and at most one fsync; all or nothing on error.
+
+        With a byte cap, `timeout` bounds the wait for room as in `put`.
+        """
         if self._closed:
             raise ClosedError(f"queue {self.path} is closed")
         encoded = []
@@ -175,7 +310,7 @@ class Queue:
                 raise SerializationError(
                     f"cannot serialize item {i} ({type(item).__name__}) with {self._codec.name}: {exc}; "
                     f"nothing was written") from exc
-        return self._log.append_many(encoded)
+        return self._log.append_many(encoded, timeout=timeout)
 
     # ------------------------------------------------------------------ get / ack
 
@@ -281,7 +416,12 @@ class Queue:
             meta["traceback"] = "".join(traceback.format_exception(type(error), error, error.__traceback__))
         if extra:
             meta.update(extra)
-        new_attrs = {k: v for k, v in attrs.items() if k != ATTR_META}
+        # The dead letter keeps the key and priority but not the schedule: an expiry copied
+        # along would expire the dead letter itself. The schedule is kept in the metadata.
+        for name, attr in (("not_before", ATTR_NOT_BEFORE), ("expires", ATTR_EXPIRES)):
+            if attr in attrs:
+                meta[name] = attrs[attr]
+        new_attrs = {k: v for k, v in attrs.items() if k not in (ATTR_META, ATTR_EXPIRES, ATTR_NOT_BEFORE, ATTR_BOOT)}
         new_attrs[ATTR_META] = meta
         try:
             encoded = encode_attrs(new_attrs)
@@ -313,15 +453,19 @@ class Queue:
             finally:
                 self._log.waiters -= 1
 
+    def _retain(self) -> None:
+        """Delete the segments every group is done with (and their dead-letter markers)."""
+        low = self._index.min_committed()
+        if low is not None and self._log.delete_below(low):
+            remaining = self._log.segments(refresh=False)
+            if remaining:
+                self._index.prune_dead_below(remaining[0])
+
     def _after_commit(self, state: GroupState) -> None:
         """Retention: once a group's committed offset passes a segment, maybe delete segments."""
         bases = self._log.segments(refresh=False)
         if len(bases) > 1 and state.committed >= bases[1]:
-            low = self._index.min_committed()
-            if low is not None and self._log.delete_below(low):
-                remaining = self._log.segments(refresh=False)
-                if remaining:
-                    self._index.prune_dead_below(remaining[0])
+            self._retain()
 
     # ------------------------------------------------------------------ lifecycle
 

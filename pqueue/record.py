@@ -74,6 +74,7 @@ ATTR_PRIORITY = 2  # int: priority level
 ATTR_NOT_BEFORE = 3  # float: Unix time before which the record is not delivered
 ATTR_EXPIRES = 4  # float: Unix time after which the record is dead ("expired")
 ATTR_META = 5  # dict: dead-letter metadata (source offset, group, error, times, ...)
+ATTR_BOOT = 6  # [boot id, CLOCK_BOOTTIME deadline]: makes ATTR_NOT_BEFORE immune to clock steps
 
 _pack_header = RECORD_HEADER.pack
 _unpack_header = RECORD_HEADER.unpack_from

@@ -305,7 +305,7 @@ def test_fsync_policy_parsing() -> None:
     from pqueue.log import FsyncPolicy
 
     assert FsyncPolicy.parse("always").mode == "always"
-    assert FsyncPolicy.parse("interval") == FsyncPolicy("interval", 0.1, 1000)
+    assert FsyncPolicy.parse("interval") == FsyncPolicy("interval", 0.1, 0)
     assert FsyncPolicy.parse("50ms") == FsyncPolicy("interval", 0.05, 0)
     assert FsyncPolicy.parse("2s").interval == 2.0
     assert FsyncPolicy.parse("1000 records") == FsyncPolicy("interval", 3600.0, 1000)

@@ -1,0 +1,188 @@
+"""log.py: appends, rolls, fsync policies, recovery, retention, the writer hand-off."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import pqueue
+from pqueue import segment
+from pqueue.log import FsyncPolicy
+from pqueue.record import SEGMENT_HEADER_BYTES, encode_record
+
+
+def segments(path: Path) -> list[str]:
+    return sorted(os.listdir(path / "log"))
+
+
+def read_all(path: Path) -> list[Any]:
+    with pqueue.Queue(path) as q:
+        out = []
+        while True:
+            try:
+                m = q.get(timeout=0.05)
+            except pqueue.Empty:
+                return out
+            out.append(m.data)
+            m.ack()
+
+
+def test_new_segment_has_header_and_name(qpath: Path) -> None:
+    """The first segment is log/<20 digits>.seg starting with the PQLG header."""
+    with pqueue.Queue(qpath) as q:
+        q.put(1)
+    assert segments(qpath) == ["00000000000000000000.seg"]
+    data = (qpath / "log" / "00000000000000000000.seg").read_bytes()
+    assert data[:4] == b"PQLG"
+
+
+def test_roll_seals_and_names_the_next_segment_by_offset(qpath: Path) -> None:
+    """Passing segment_bytes seals the segment with a trailer naming the next one."""
+    with pqueue.Queue(qpath, segment_bytes=4096, serializer="raw") as q:
+        for _ in range(30):
+            q.put(b"x" * 300)
+    names = segments(qpath)
+    assert len(names) > 1
+    # Each record is 28 + 300 bytes; the first segment takes records until it passes 4096:
+    # 32 + 12 * 328 = 3968 < 4096 <= 32 + 13 * 328, so the second segment starts at offset 13.
+    assert names[1] == f"{13:020d}.seg"
+    first = (qpath / "log" / names[0]).read_bytes()
+    assert len(first) == 32 + 13 * 328 + 28  # records, then the 28-byte SEAL
+    assert read_all(qpath) == [b"x" * 300] * 30
+
+
+def test_group_commit_many_threads_always(qpath: Path) -> None:
+    """With fsync=always, concurrent puts from 8 threads all land, with unique offsets."""
+    with pqueue.Queue(qpath, fsync="always") as q:
+        offsets: list[int] = []
+        lock = threading.Lock()
+
+        def work(t: int) -> None:
+            for i in range(50):
+                off = q.put((t, i))
+                with lock:
+                    offsets.append(off)
+
+        threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(offsets) == list(range(400))
+        assert q._log._synced_seq == q._log._seq  # every returned put was covered by an fsync
+    got = read_all(qpath)
+    assert sorted(map(tuple, got)) == sorted((t, i) for t in range(8) for i in range(50))
+
+
+def test_interval_policy_bounds_unsynced_records(qpath: Path) -> None:
+    """An interval policy with a record bound never leaves more than that many unsynced."""
+    with pqueue.Queue(qpath, fsync="3600s/10") as q:
+        for _ in range(95):
+            q.put(0)
+            assert q._log._seq - q._log._synced_seq < 10
+
+
+def test_never_policy_does_not_sync_per_put(qpath: Path) -> None:
+    """fsync=never leaves appends to the OS (until close or a roll)."""
+    with pqueue.Queue(qpath, fsync="never") as q:
+        for _ in range(20):
+            q.put(0)
+        assert q._log._synced_seq == 0
+        q.flush()
+        assert q._log._synced_seq == 20
+
+
+def test_bad_fsync_specs_are_refused() -> None:
+    """Unknown fsync policies name the accepted spellings."""
+    with pytest.raises(ValueError, match="'always', 'never', 'interval'"):
+        FsyncPolicy.parse("sometimes")
+    with pytest.raises(TypeError):
+        FsyncPolicy.parse(True)
+
+
+def test_open_scans_only_from_the_recovery_point(qpath: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A writer reopening a queue scans from the saved recovery point, not the whole log."""
+    with pqueue.Queue(qpath, segment_bytes=1 << 20, serializer="raw") as q:
+        q.put_many([b"y" * 100] * 2000)
+        end = q._log._pos
+    scanned: list[int] = []
+    real_scan = segment.scan
+
+    def spy(fd: int, pos: int, *args: Any) -> segment.Scan:
+        scanned.append(pos)
+        return real_scan(fd, pos, *args)
+
+    monkeypatch.setattr(segment, "scan", spy)
+    with pqueue.Queue(qpath, serializer="raw") as q:
+        assert q.put(b"z") == 2000
+    assert scanned[0] == end  # started at the end recorded at close: nothing rescanned
+
+
+def test_torn_tail_is_truncated_and_quarantined(qpath: Path) -> None:
+    """Garbage after the last record is cut off at the next append and copied to quarantine/."""
+    with pqueue.Queue(qpath) as q:
+        q.put_many(range(3))
+    seg = qpath / "log" / segments(qpath)[0]
+    good = seg.stat().st_size
+    with open(seg, "ab") as f:
+        f.write(encode_record(3, 0, 1, b"", b"\x01" * 40)[:30])  # a record cut 30 bytes in
+    with pqueue.Queue(qpath) as q:
+        assert q.put(99) == 3
+    assert os.listdir(qpath / "quarantine")
+    assert read_all(qpath) == [0, 1, 2, 99]
+    assert seg.stat().st_size > good
+
+
+def test_offsets_never_reused_after_the_tail_was_lost(qpath: Path) -> None:
+    """If the log lost records that were already handed out, new puts start above them."""
+    with pqueue.Queue(qpath) as q:
+        q.put_many(range(5))
+        for _ in range(5):
+            q.get(timeout=1).ack()
+        q.flush()
+    seg = qpath / "log" / segments(qpath)[0]
+    # Cut the last two records off (as a power loss of unsynced data would): each msgpack'd
+    # small int is 1 byte, so a record is 29 bytes and records 3 and 4 end the file.
+    os.truncate(seg, SEGMENT_HEADER_BYTES + 3 * 29)
+    with pqueue.Queue(qpath) as q:
+        assert q.put("after") == 5
+        assert q.get(timeout=1).data == "after"
+
+
+def test_two_processes_append_without_interleaving(qpath: Path) -> None:
+    """Two writer processes hand the lock over; all records are intact and consecutive."""
+    pqueue.Queue(qpath).close()
+    code = (
+        "import sys, pqueue\n"
+        "q = pqueue.Queue(sys.argv[1], fsync='never')\n"
+        "for i in range(3000): q.put([sys.argv[2], i])\n"
+        "q.close()\n"
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(qpath), name]) for name in ("a", "b")]
+    for p in procs:
+        assert p.wait(60) == 0
+    got = read_all(qpath)
+    assert len(got) == 6000
+    for name in ("a", "b"):
+        assert [i for n, i in got if n == name] == list(range(3000))
+
+
+def test_segment_with_newer_format_is_refused(qpath: Path) -> None:
+    """A segment written by a newer pqueue raises FormatVersionError on open for writing."""
+    with pqueue.Queue(qpath) as q:
+        q.put(1)
+    seg = qpath / "log" / segments(qpath)[0]
+    data = bytearray(seg.read_bytes())
+    data[4] = pqueue.FORMAT_VERSION + 1
+    seg.write_bytes(bytes(data))
+    with pqueue.Queue(qpath) as q:
+        with pytest.raises(pqueue.FormatVersionError) as info:
+            q.put(2)
+    assert (info.value.found, info.value.supported) == (pqueue.FORMAT_VERSION + 1, pqueue.FORMAT_VERSION)
+    assert "upgrade pqueue" in str(info.value)
