@@ -16,7 +16,7 @@ Named databases (keys are big-endian so LMDB's byte order is numeric order):
                                       ["L", owner, attempt, deadline, seg, pos]  one lease;
                                       ["W", attempt, due, seg, pos]  waiting: nacked, handed
                                         back, reclaimed or delayed (attempt = deliveries so far)
-    due      gid|time_ms|offset -> b"B" | b"S"  when a batch (B) or a single record (S) next
+    due      gid|time_ms|B or S|offset -> b""  when a batch (B) or a single record (S) next
                                       needs attention: a lease's deadline or a due time
     dead     gid|offset -> msgpack   offsets that were dead-lettered (for status())
     ready    gid|255-level|offset -> [seg, pos]  undelivered records of priority > 0, found by
@@ -60,7 +60,7 @@ MAP_SIZE_BYTES = 256 << 20  # 256 MiB of address space to start; sparse, grows o
 MAX_READERS = 512
 _GID = struct.Struct(">I")
 _OFF = struct.Struct(">IQ")
-_DUE = struct.Struct(">IQQ")
+_DUE = struct.Struct(">IQcQ")  # gid, time ms, kind (B batch / S single), offset
 _U64 = struct.Struct(">Q")
 _RP = struct.Struct(">QQQ")
 _READY = struct.Struct(">IBQ")  # gid, 255 - priority level, offset
@@ -458,10 +458,11 @@ class Index:
                 st = _unpack(v)
                 if st[3] != deadline:
                     continue  # changed since we looked
-                txn.delete(_DUE.pack(g.gid, deadline, offset), db=self.db["due"])
+                kind_byte = b"B" if kind == "batches" else b"S"
+                txn.delete(_DUE.pack(g.gid, deadline, kind_byte, offset), db=self.db["due"])
                 st[3] = 0
                 txn.put(k, _pack(st), db=self.db[kind])
-                txn.put(_DUE.pack(g.gid, 0, offset), b"B" if kind == "batches" else b"S", db=self.db["due"])
+                txn.put(_DUE.pack(g.gid, 0, kind_byte, offset), b"", db=self.db["due"])
 
         self.write(expire)
         log.info("%s: reclaimed %d leases of dead processes in group %r", self.path, len(dead), group)
@@ -553,14 +554,14 @@ class Index:
                 return False
             g = GroupState.unpack(raw)
             prefix = _GID.pack(g.gid)
-            for name in ("acks", "state", "batches", "due"):
+            for name in ("acks", "state", "batches", "due", "ready"):
                 cur = txn.cursor(db=self.db[name])
                 if cur.set_range(prefix):
                     while cur.key()[:4] == prefix and cur.delete():
                         pass
-            g.committed = g.dispatch = offset
-            g.committed_seg = g.dispatch_seg = seg
-            g.committed_pos = g.dispatch_pos = pos
+            g.committed = g.dispatch = g.scan = offset
+            g.committed_seg = g.dispatch_seg = g.scan_seg = seg
+            g.committed_pos = g.dispatch_pos = g.scan_pos = pos
             txn.put(key, g.pack(), db=self.db["groups"])
             return True
 
@@ -702,12 +703,12 @@ class _Txn:
         st: list[Any] = _unpack(v)
         due = st[3] if st[0] == "L" else st[2]
         self.txn.delete(k, db=self.state)
-        self.txn.delete(_DUE.pack(self.g.gid, due, offset), db=self.due)
+        self.txn.delete(_DUE.pack(self.g.gid, due, b"S", offset), db=self.due)
         return st
 
     def _drop_batch(self, first: int, deadline: int) -> None:
         self.txn.delete(self._key(first), db=self.batches)
-        self.txn.delete(_DUE.pack(self.g.gid, deadline, first), db=self.due)
+        self.txn.delete(_DUE.pack(self.g.gid, deadline, b"B", first), db=self.due)
 
     def mark_done(self, first: int, nxt: int) -> None:
         """Offsets [first, nxt) are finished (acked, dead-lettered or unreadable)."""
@@ -770,7 +771,7 @@ class _Txn:
     def _put_waiting(self, offset: int, attempt: int, due: int, seg: int, pos: int) -> None:
         """A single record overrides the batch the offset falls in (if any)."""
         self.txn.put(self._key(offset), _pack(["W", attempt, due, seg, pos]), db=self.state)
-        self.txn.put(_DUE.pack(self.g.gid, due, offset), b"S", db=self.due)
+        self.txn.put(_DUE.pack(self.g.gid, due, b"S", offset), b"", db=self.due)
 
     def _batch_of(self, offset: int) -> list[Any] | None:
         """The batch record whose range holds `offset`, if any."""
@@ -833,7 +834,7 @@ class _Txn:
             first, count = grants[0].offset, grants[-1].offset - grants[0].offset + 1
             self.txn.put(self._key(first), _pack([count, owner, 1, deadline, grants[0].seg, grants[0].pos]),
                          db=self.batches)
-            self.txn.put(_DUE.pack(g.gid, deadline, first), b"B", db=self.due)
+            self.txn.put(_DUE.pack(g.gid, deadline, b"B", first), b"", db=self.due)
         g.dispatch = max(g.dispatch, next_offset)
         g.dispatch_seg, g.dispatch_pos = position
         return grants
@@ -884,7 +885,7 @@ class _Txn:
 
     def _lease_one(self, owner: list[Any], offset: int, seg: int, pos: int, attempt: int, deadline: int) -> None:
         self.txn.put(self._key(offset), _pack(["L", owner, attempt, deadline, seg, pos]), db=self.state)
-        self.txn.put(_DUE.pack(self.g.gid, deadline, offset), b"S", db=self.due)
+        self.txn.put(_DUE.pack(self.g.gid, deadline, b"S", offset), b"", db=self.due)
 
     def _scan_priorities(self, prio_from: int, now: int, read: ReadFn) -> None:
         """Move the group's priority scan S to the end of the log (at most SCAN_BATCH records).
@@ -954,11 +955,11 @@ class _Txn:
         cur = self.txn.cursor(db=self.due)
         if not cur.set_range(self.prefix):
             return out
-        for k, v in cur:
-            gid, due, offset = _DUE.unpack(k)
+        for k in cur.iternext(values=False):
+            gid, due, k_kind, offset = _DUE.unpack(k)
             if gid != self.g.gid or due > now or len(out) >= limit:
                 break
-            if v != kind:
+            if k_kind != kind:
                 continue
             st = self.txn.get(self._key(offset), db=db)
             if st is not None:
