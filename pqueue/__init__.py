@@ -16,9 +16,11 @@ from .errors import (
     ReadOnlyError,
     RecordTooLargeError,
     SerializationError,
+    TaskFailed,
 )
 from .forward import forward
 from .message import Message
+from .pool import ConsumerPool
 from .queue import Queue
 from .record import FORMAT_VERSION
 from .serializers import Serializer
@@ -31,6 +33,7 @@ __all__ = [
     "Breaker",
     "ClosedError",
     "Consumer",
+    "ConsumerPool",
     "CorruptRecordError",
     "DiskFullError",
     "Empty",
@@ -47,6 +50,7 @@ __all__ = [
     "Retry",
     "SerializationError",
     "Serializer",
+    "TaskFailed",
     "__version__",
     "forward",
 ]

@@ -34,6 +34,7 @@ POLL_MIN_SECONDS = 0.0005  # a blocked get() polls for other processes' puts fro
 POLL_MAX_SECONDS = 0.02  # ... backing off to this
 REAP_SECONDS = 5.0  # look for leases of dead processes this often
 HANDED_BACK_DUE = 0  # due time of uncharged hand-backs: before any retry, in offset order
+NO_RESULT: Any = object()  # ack() without a result
 
 _handle_ids = itertools.count(1)
 
@@ -63,6 +64,7 @@ class Consumer:
         self._buffer: collections.deque[Grant] = collections.deque()
         self._held: dict[int, Message] = {}
         self._pending: list[int] = []
+        self._results: dict[int, tuple[int, bytes, int]] = {}  # offset -> encoded result, with pending acks
         self._skips: list[tuple[int, int]] = []
         self._batch = 1
         self._batch_started = 0.0
@@ -170,12 +172,8 @@ class Consumer:
             if not self._pending and not self._skips and not self._maybe_ready():
                 return False
             want = self._next_batch_size(now)
-            grants, self._state = self._queue._index.exchange(
-                self.group, self._owner, acks=self._pending, skips=self._skips, want=want,
-                lease_ms=self._lease_ms, read=self._read,
-                choose_level=self._choose_level if self._queue.priority_weights else None)
-            self._pending = []
-            self._skips = []
+            grants = self._exchange(want=want, lease_ms=self._lease_ms, read=self._read,
+                                    choose_level=self._choose_level if self._queue.priority_weights else None)
             self._batch = want
             self._batch_started = now
             self._buffer.extend(grants)
@@ -197,6 +195,16 @@ class Consumer:
         best = max(levels, key=lambda level: (self._credits[level], level))
         self._credits[best] -= total
         return best
+
+    def _exchange(self, **kwargs: Any) -> list[Grant]:
+        """One index transaction that also commits everything pending (caller holds _lock)."""
+        grants, self._state = self._queue._index.exchange(
+            self.group, self._owner, acks=self._pending, skips=self._skips, results=self._results, **kwargs)
+        had_results = bool(self._results)
+        self._pending, self._skips, self._results = [], [], {}
+        if had_results:
+            self._queue._notify_arrival()  # result() waiters of this process
+        return grants
 
     def _next_batch_size(self, now: float) -> int:
         if not self._batch_started:
@@ -236,16 +244,27 @@ class Consumer:
 
     # ------------------------------------------------------------------ ack / nack
 
-    def ack(self, msg: Message) -> None:
-        """Mark `msg` done for this group. Batched: durable within `ack_interval` seconds."""
+    def ack(self, msg: Message, *, result: Any = NO_RESULT) -> None:
+        """Mark `msg` done for this group. Batched: durable within `ack_interval` seconds.
+
+        Args:
+            result: the task's return value, kept (with the ack, in one transaction) for
+                `Queue.result` until `result_ttl` runs out.
+        Raises:
+            RecordTooLargeError: the encoded result is over max_result_bytes (not acked).
+            SerializationError: the result cannot be encoded (not acked).
+        """
         if msg._consumer is not self:
-            msg._consumer.ack(msg)
+            msg._consumer.ack(msg, result=result)
             return
+        encoded = None if result is NO_RESULT else self._queue._encode_result(msg.offset, result)
         with self._lock:
             self._check_open()
             if self._held.pop(msg.offset, None) is None:
                 return  # acked already (acks are idempotent)
             self._pending.append(msg.offset)
+            if encoded is not None:
+                self._results[msg.offset] = encoded
             n = len(self._pending)
         if self._ack_interval <= 0 or n >= ACK_BATCH:
             self.flush()
@@ -264,11 +283,7 @@ class Consumer:
             if self._held.pop(msg.offset, None) is None:
                 return
             due = int((time.time() + delay) * 1000)
-            _grants, self._state = self._queue._index.exchange(
-                self.group, self._owner, acks=self._pending, skips=self._skips,
-                nacks=[(msg.offset, msg._seg, msg._pos, due, True)])
-            self._pending = []
-            self._skips = []
+            self._exchange(nacks=[(msg.offset, msg._seg, msg._pos, due, True)])
         self._queue._notify_arrival()
 
     def release(self, msg: Message) -> None:
@@ -289,10 +304,7 @@ class Consumer:
             nacks = [(msg.offset, msg._seg, msg._pos, HANDED_BACK_DUE, False)]
             nacks += [(g.offset, g.seg, g.pos, HANDED_BACK_DUE, False) for g in self._buffer]
             self._buffer.clear()
-            _grants, self._state = self._queue._index.exchange(
-                self.group, self._owner, acks=self._pending, skips=self._skips, nacks=nacks)
-            self._pending = []
-            self._skips = []
+            self._exchange(nacks=nacks)
         self._queue._notify_arrival()
 
     def release_prefetched(self) -> None:
@@ -302,10 +314,7 @@ class Consumer:
                 return
             nacks = [(g.offset, g.seg, g.pos, HANDED_BACK_DUE, False) for g in self._buffer]
             self._buffer.clear()
-            _grants, self._state = self._queue._index.exchange(
-                self.group, self._owner, acks=self._pending, skips=self._skips, nacks=nacks)
-            self._pending = []
-            self._skips = []
+            self._exchange(nacks=nacks)
         self._queue._notify_arrival()
 
     def dead_letter(self, msg: Message, *, reason: str, error: BaseException | None = None,
@@ -354,10 +363,7 @@ class Consumer:
         with self._lock:
             if self._closed or (not self._pending and not self._skips):
                 return
-            _grants, self._state = self._queue._index.exchange(
-                self.group, self._owner, acks=self._pending, skips=self._skips)
-            self._pending = []
-            self._skips = []
+            self._exchange()
         self._queue._after_commit(self._state)
 
     def _start_flusher(self) -> None:
@@ -394,6 +400,12 @@ class Consumer:
             return 0
         return max(0, end - counts.committed - counts.acked_above - local)
 
+    def _pending_result(self, offset: int) -> list[Any] | None:
+        """A result acked by this handle but not committed yet, shaped like Index.result()."""
+        with self._lock:
+            encoded = self._results.get(offset)
+        return None if encoded is None else ["done", encoded[0], encoded[1]]
+
     def empty(self) -> bool:
         return self.qsize() == 0
 
@@ -418,11 +430,9 @@ class Consumer:
             nacks = [(g.offset, g.seg, g.pos, HANDED_BACK_DUE, False) for g in self._buffer]
             nacks += [(m.offset, m._seg, m._pos, HANDED_BACK_DUE, False) for m in self._held.values()]
             if nacks or self._pending or self._skips:
-                _g, self._state = self._queue._index.exchange(
-                    self.group, self._owner, acks=self._pending, skips=self._skips, nacks=nacks)
+                self._exchange(nacks=nacks)
             self._buffer.clear()
             self._held.clear()
-            self._pending = []
             self._closed = True
         self._flush_event.set()
 
@@ -433,6 +443,7 @@ class Consumer:
         self._held.clear()
         self._pending = []
         self._skips = []
+        self._results = {}
         self._flusher = None
         self._flush_event = threading.Event()
         self._batch_started = 0.0

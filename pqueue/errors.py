@@ -85,3 +85,27 @@ class CorruptRecordError(QueueError):
             f"{path}: damaged record at byte {pos}: {reason}; run `pqueue verify` to see the "
             f"damage and `pqueue repair` to move it to quarantine/"
         )
+
+
+class TaskFailed(QueueError):
+    """The task died (dead-lettered) instead of returning a result.
+
+    Attributes:
+        offset: the task's offset in its queue.
+        error_type, error: the last error's type name and message ("" when it expired).
+        attempts: how many deliveries it had.
+        reason: why it died ("max_attempts", "rejected", "expired", ...).
+        dead_letter: everything recorded about its death (the dead-letter metadata).
+    """
+
+    def __init__(self, offset: int, info: dict[str, object]) -> None:
+        self.offset = offset
+        self.dead_letter = dict(info)
+        self.error_type = str(info.get("error_type", ""))
+        self.error = str(info.get("error", ""))
+        self.reason = str(info.get("reason", ""))
+        attempts = info.get("attempts", 0)
+        self.attempts = attempts if isinstance(attempts, int) else 0
+        detail = f"{self.error_type}: {self.error}" if self.error_type else self.reason
+        super().__init__(f"task {offset} failed after {self.attempts} attempt(s): {detail}; its payload is in "
+                         f"the dead-letter queue")

@@ -23,6 +23,10 @@ Named databases (keys are big-endian so LMDB's byte order is numeric order):
                                       the group's priority scan (S), highest level first
     keys     key -> [offset, seg, pos, time_ms]  idempotency keys within the dedup window
     keytimes time_ms|key -> b""      the same keys by age, for pruning
+    results  gid|offset -> msgpack   a task's final state and return value, until it expires:
+                                      ["done", codec, value, time_ms, expires_ms] or
+                                      ["dead", info, time_ms, expires_ms]
+    resulttimes expires_ms|gid|offset -> b""  the same by expiry, for pruning
 
 A single-offset state record overrides the batch the offset falls in (a nack or a reclaim of
 one member of a batch). Durable LMDB commits cost about 390 µs, so a consumer leases many
@@ -55,7 +59,8 @@ from .record import ATTR_BOOT, ATTR_NOT_BEFORE, ATTR_PRIORITY, FORMAT_VERSION
 
 log = logging.getLogger(__name__)
 
-DATABASES = ("meta", "groups", "acks", "state", "batches", "due", "dead", "ready", "keys", "keytimes")
+DATABASES = ("meta", "groups", "acks", "state", "batches", "due", "dead", "ready", "keys", "keytimes", "results",
+             "resulttimes")
 MAP_SIZE_BYTES = 256 << 20  # 256 MiB of address space to start; sparse, grows on demand
 MAX_READERS = 512
 _GID = struct.Struct(">I")
@@ -356,6 +361,7 @@ class Index:
         acks: Iterable[int] = (),
         skips: Iterable[tuple[int, int]] = (),
         nacks: Iterable[tuple[int, int, int, int, bool]] = (),
+        results: dict[int, tuple[int, bytes, int]] | None = None,
         want: int = 0,
         lease_ms: int = 30_000,
         read: ReadFn | None = None,
@@ -390,6 +396,9 @@ class Index:
                 tx.mark_done(first, nxt)
             for offset in acks:
                 tx.mark_done(offset, offset + 1)
+            if results:
+                for offset, (codec, value, ttl_ms) in results.items():
+                    self._put_result(txn, g.gid, offset, ["done", codec, value, now], now + ttl_ms)
             for offset, seg, pos, due, charged in nacks:
                 tx.hand_back(offset, seg, pos, due, charged)
             tx.advance()
@@ -628,8 +637,48 @@ class Index:
         raw = self.read(lambda txn: txn.get(b"dropped", db=db))
         return 0 if raw is None else int(_U64.unpack(raw)[0])
 
-    def record_dead(self, group: str, offset: int, info: dict[str, Any]) -> None:
-        """Remember that `offset` was dead-lettered (the ack itself goes through exchange)."""
+    # ------------------------------------------------------------------ results
+
+    def _put_result(self, txn: lmdb.Transaction, gid: int, offset: int, value: list[Any], expires_ms: int) -> None:
+        """Store a task's final state; prune up to 32 expired results on the way."""
+        k = _OFF.pack(gid, offset)
+        old = txn.get(k, db=self.db["results"])
+        if old is not None:
+            txn.delete(_U64.pack(_unpack(old)[-1]) + k, db=self.db["resulttimes"])
+        txn.put(k, _pack([*value, expires_ms]), db=self.db["results"])
+        txn.put(_U64.pack(expires_ms) + k, b"", db=self.db["resulttimes"])
+        now_ms = int(time.time() * 1000)
+        cur = txn.cursor(db=self.db["resulttimes"])
+        doomed: list[bytes] = []
+        if cur.first():
+            for tk in cur.iternext(values=False):
+                if len(doomed) >= 32 or _U64.unpack(tk[:8])[0] > now_ms:
+                    break
+                doomed.append(bytes(tk))
+        for tk in doomed:
+            txn.delete(tk, db=self.db["resulttimes"])
+            txn.delete(tk[8:], db=self.db["results"])
+
+    def result(self, group: str, offset: int) -> list[Any] | None:
+        """["done", codec, value, time_ms, expires_ms] or ["dead", info, time_ms, expires_ms], or None."""
+        def fn(txn: lmdb.Transaction) -> list[Any] | None:
+            raw = txn.get(group.encode(), db=self.db["groups"])
+            if raw is None:
+                return None
+            k = _OFF.pack(GroupState.unpack(raw).gid, offset)
+            v = txn.get(k, db=self.db["results"])
+            if v is None:
+                return None
+            found: list[Any] = _unpack(v)
+            return found if found[-1] > time.time() * 1000 else None
+        result: list[Any] | None = self.read(fn)
+        return result
+
+    def record_dead(self, group: str, offset: int, info: dict[str, Any], *, result_ttl_ms: int = 0) -> None:
+        """Remember that `offset` was dead-lettered (the ack itself goes through exchange).
+
+        With `result_ttl_ms`, the death is also kept as the task's result for `Queue.result`.
+        """
         def fn(txn: lmdb.Transaction) -> None:
             raw = txn.get(group.encode(), db=self.db["groups"])
             if raw is None:
@@ -640,6 +689,9 @@ class Index:
                 txn.put(k, _pack(info), db=self.db["dead"])
                 g.dead += 1
                 txn.put(group.encode(), g.pack(), db=self.db["groups"])
+            if result_ttl_ms:
+                now_ms = int(time.time() * 1000)
+                self._put_result(txn, g.gid, offset, ["dead", info, now_ms], now_ms + result_ttl_ms)
         self.write(fn)
 
     def prune_dead_below(self, offset: int) -> None:

@@ -13,7 +13,7 @@ from typing import Any, final
 
 from . import layout, schedule
 from .consumer import Consumer, check_timeout
-from .errors import ClosedError, QueueError, SerializationError
+from .errors import ClosedError, Empty, QueueError, RecordTooLargeError, SerializationError, TaskFailed
 from .index import Grant, GroupState, Index, is_unreadable
 from .keys import Keys
 from .log import FsyncPolicy, Log, Position
@@ -36,6 +36,10 @@ LEASE_SECONDS = 30.0  # visibility timeout of a delivered message
 ACK_INTERVAL_SECONDS = 0.02  # pending acks become durable within 20 ms
 DEFAULT_GROUP = "default"
 DEDUP_WINDOW_SECONDS = 24 * 3600.0  # idempotency keys are remembered for 24 hours
+RESULT_TTL_SECONDS = 7 * 24 * 3600.0  # task results are kept for 7 days
+MAX_RESULT_BYTES = 1 << 20  # 1 MiB per stored result
+RESULT_POLL_MIN_SECONDS = 0.0005  # result() polls for other processes' results from this often ...
+RESULT_POLL_MAX_SECONDS = 0.02  # ... backing off to this
 PRIORITY_LEVELS = 10  # priorities 0 (lowest) to 9
 MAX_KEY_BYTES = 1024
 
@@ -87,6 +91,8 @@ class Queue:
         priorities: int = PRIORITY_LEVELS,
         priority_weights: Sequence[float] | None = None,
         on_expire: str = "dlq",
+        result_ttl: float = RESULT_TTL_SECONDS,
+        max_result_bytes: int = MAX_RESULT_BYTES,
         create: bool = True,
     ) -> None:
         self.path = os.fspath(path)
@@ -113,6 +119,12 @@ class Queue:
                 raise ValueError(f"priority_weights must give a positive weight to each of the {priorities} levels")
         if on_expire not in ("dlq", "drop"):
             raise ValueError("on_expire must be 'dlq' or 'drop'")
+        if not isinstance(result_ttl, (int, float)) or result_ttl <= 0:
+            raise ValueError("'result_ttl' must be a positive number of seconds")
+        if not isinstance(max_result_bytes, int) or max_result_bytes <= 0:
+            raise ValueError("max_result_bytes must be a positive int")
+        self.result_ttl = float(result_ttl)
+        self.max_result_bytes = max_result_bytes
         self.max_bytes = max_bytes
         self.on_full = on_full
         self.dedup_window = float(dedup_window)
@@ -374,6 +386,59 @@ class Queue:
             raise ValueError(f"no record at offset {offset!r} in {self.path}")
         return self.consumer(group).status(offset)
 
+    def result(self, offset: int, *, group: str = DEFAULT_GROUP, timeout: float | None = None) -> Any:
+        """Wait for task `offset` to finish in `group` and return the handler's return value.
+
+        Works across processes (a producer waiting for a worker elsewhere); needs a pool
+        created with results=True. Results are kept for `result_ttl` seconds.
+
+        Raises:
+            TaskFailed: the task was dead-lettered (error type, message, attempts inside).
+            Empty: not finished within `timeout` seconds.
+            QueueError: the task is done but no result was stored (a pool without
+                results=True, or the result expired).
+            ValueError: no record was ever written at `offset`.
+        """
+        self._check_open()
+        check_timeout(timeout)
+        if not isinstance(offset, int) or offset < 0 or offset >= self._log.tail_offset():
+            raise ValueError(f"no record at offset {offset!r} in {self.path}")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        poll = RESULT_POLL_MIN_SECONDS
+        consumer = self.consumer(group)
+        while True:
+            found = consumer._pending_result(offset) or self._index.result(group, offset)
+            if found is None and consumer.status(offset) in ("done", "dead"):
+                # Acks and results commit together: look once more in case both landed between.
+                found = consumer._pending_result(offset) or self._index.result(group, offset)
+                if found is None:
+                    raise QueueError(f"task {offset} of group {group!r} is done but has no stored result: run the "
+                                     f"pool with results=True (results are kept for result_ttl seconds)")
+            if found is not None:
+                if found[0] == "done":
+                    return self._decode(found[1], found[2])
+                raise TaskFailed(offset, found[1])
+            wait = poll
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise Empty(f"task {offset} of group {group!r} did not finish within {timeout} s")
+                wait = min(wait, remaining)
+            self._wait_for_arrival(wait)
+            poll = min(poll * 2, RESULT_POLL_MAX_SECONDS)
+
+    def _encode_result(self, offset: int, value: Any) -> tuple[int, bytes, int]:
+        """Encode a handler's return value for the index: (codec, bytes, ttl ms)."""
+        try:
+            data = self._dumps(value)
+        except Exception as exc:
+            raise SerializationError(f"the result of task {offset} ({type(value).__name__}) cannot be serialized "
+                                     f"with {self._codec.name}: {exc}") from exc
+        if len(data) > self.max_result_bytes:
+            raise RecordTooLargeError(f"the result of task {offset} is {len(data)} bytes, over max_result_bytes="
+                                      f"{self.max_result_bytes}; return less or raise the limit")
+        return self._codec_id, data, int(self.result_ttl * 1000)
+
     def flush(self) -> None:
         """Make every pending ack durable and fsync what this handle appended."""
         for consumer in list(self._consumers.values()):
@@ -432,7 +497,9 @@ class Queue:
         dlq._log.append(codec, encoded, payload)
         if dlq.fsync.mode != "always":
             dlq._log.sync()  # the copy is durable before the source forgets the message
-        self._index.record_dead(consumer.group, offset, {"reason": reason, "at": meta["died_at"]})
+        info: dict[str, Any] = {k: meta[k] for k in ("reason", "attempts", "died_at", "error_type", "error")
+                                if k in meta}
+        self._index.record_dead(consumer.group, offset, info, result_ttl_ms=int(self.result_ttl * 1000))
         if isinstance(grant, Message):
             consumer.settle(grant)
         consumer.ack_offset(offset)
