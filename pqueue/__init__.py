@@ -20,6 +20,7 @@ from .errors import (
 )
 from .forward import forward
 from .message import Message
+from .pipeline import Many
 from .pool import ConsumerPool
 from .queue import Queue
 from .record import FORMAT_VERSION
@@ -40,6 +41,7 @@ __all__ = [
     "FormatVersionError",
     "Full",
     "LockTimeout",
+    "Many",
     "Message",
     "NotAQueueError",
     "Queue",

@@ -317,6 +317,27 @@ class Consumer:
             self._exchange(nacks=nacks)
         self._queue._notify_arrival()
 
+    def extend(self, msg: Message, *, seconds: float) -> bool:
+        """Keep `msg` leased for `seconds` more from now (a heartbeat for a long task).
+
+        Returns False when the lease was already lost (it ran out and the message went to
+        another consumer, or it is done): the task should then expect to run twice.
+        """
+        if not isinstance(seconds, (int, float)) or seconds <= 0:
+            raise ValueError("'seconds' must be a positive number")
+        if msg._consumer is not self:
+            return msg._consumer.extend(msg, seconds=seconds)
+        with self._lock:
+            self._check_open()
+            if msg.offset not in self._held:
+                return False
+            deadline = int((time.time() + seconds) * 1000)
+            kept = self._queue._index.extend(self.group, self._owner, msg.offset, msg._seg, msg._pos,
+                                             msg.attempt, deadline)
+            if kept:
+                msg._deadline_ms = deadline
+            return kept
+
     def dead_letter(self, msg: Message, *, reason: str, error: BaseException | None = None,
                     extra: dict[str, Any] | None = None) -> None:
         """Move `msg` to the dead-letter queue with why it died, then ack it here.

@@ -637,6 +637,35 @@ class Index:
         raw = self.read(lambda txn: txn.get(b"dropped", db=db))
         return 0 if raw is None else int(_U64.unpack(raw)[0])
 
+    def extend(self, group: str, owner: list[Any], offset: int, seg: int, pos: int, attempt: int,
+               deadline_ms: int) -> bool:
+        """Move the lease deadline of `offset` (held by `owner`) to `deadline_ms`.
+
+        A member of a batch lease gets a single-offset lease of its own. Returns False when the
+        lease is no longer this owner's (it ran out and went elsewhere, or the message is done).
+        """
+        def fn(txn: lmdb.Transaction) -> bool:
+            raw = txn.get(group.encode(), db=self.db["groups"])
+            if raw is None:
+                return False
+            tx = _Txn(self, txn, GroupState.unpack(raw))
+            if offset < tx.g.committed or _DoneSet(txn, self.db["acks"], tx.g).contains(offset):
+                return False
+            v = txn.get(tx._key(offset), db=self.db["state"])
+            if v is not None:
+                st = _unpack(v)
+                if st[0] != "L" or st[1] != owner:
+                    return False
+            else:
+                batch = tx._batch_of(offset)
+                if batch is None or batch[1] != owner:
+                    return False
+            tx._drop_state(offset)
+            tx._lease_one(owner, offset, seg, pos, attempt, deadline_ms)
+            return True
+
+        return bool(self.write(fn))
+
     # ------------------------------------------------------------------ results
 
     def _put_result(self, txn: lmdb.Transaction, gid: int, offset: int, value: list[Any], expires_ms: int) -> None:

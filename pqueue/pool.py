@@ -49,8 +49,9 @@ from typing import Any, final
 from .backoff import Backoff, Reject, Retry, _check_number
 from .breaker import CLOSED, Breaker, TokenBucket
 from .consumer import Consumer, check_timeout
-from .errors import Empty, QueueError
+from .errors import Empty, Full, QueueError, RecordTooLargeError, SerializationError
 from .message import Message
+from .pipeline import Router, emit
 from .pool_async import EventLoopWorkers, run_task
 from .pool_signals import until_signalled
 from .pool_stats import PoolStats, percentile
@@ -119,12 +120,19 @@ class ConsumerPool:
         max_attempts: deliveries before a failing task goes to the dead-letter queue.
         backoff: the retry schedule (default ``Backoff(initial=0.5, multiplier=2.0,
             maximum=60.0, jitter=0.1)``).
-        lease: seconds a task stays leased to this pool before another consumer may take it.
+        lease: seconds a task stays leased to this pool before another consumer may take it;
+            running tasks renew it (a heartbeat), so only a dead process's tasks are taken over.
         task_timeout: seconds a task may run before it counts as failed (see the caveat).
         breaker: a `Breaker`: stop taking work while the recent failure rate is high.
         rate_limit: at most this many tasks started per second.
         mode: "thread" (default) or "process" (each worker a separate process with its own
             handle on the queue; a crashed one is restarted and its leases reclaimed at once).
+        results: keep each handler's return value (in the ack's own transaction) for
+            `Queue.result(offset)`, for the queue's `result_ttl`.
+        output: a Queue that receives each non-None return value (each item of a `Many`),
+            put before the ack with the key "<source_id>:<group>:<offset>[:<i>]" so a re-run
+            after a crash is absorbed (see pipeline.py); or a function of the return value
+            that yields (queue, item) pairs (fan-out). Not in process mode.
     Raises:
         TypeError, ValueError: an argument is of the wrong type or out of range.
     """
@@ -144,6 +152,8 @@ class ConsumerPool:
         breaker: Breaker | None = None,
         rate_limit: float | None = None,
         mode: str = "thread",
+        results: bool = False,
+        output: Queue | Router | None = None,
     ) -> None:
         if not isinstance(queue, Queue):
             raise TypeError(f"'queue' must be a pqueue.Queue, not {type(queue).__name__}")
@@ -172,6 +182,11 @@ class ConsumerPool:
             rate_limit = _check_number("rate_limit", rate_limit, minimum=0.0, inclusive=False)
         if mode not in ("thread", "process"):
             raise ValueError(f"'mode' must be 'thread' or 'process', not {mode!r}")
+        if output is not None and not isinstance(output, Queue) and not callable(output):
+            raise TypeError(f"'output' must be a pqueue.Queue or a function returning (queue, item) pairs, "
+                            f"not {type(output).__name__}")
+        if output is not None and mode == "process":
+            raise ValueError("'output' is not supported in process mode: run a thread-mode pool per stage")
         is_async = inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
             type(handler).__call__)  # an instance with an async __call__
         if mode == "process":
@@ -192,6 +207,8 @@ class ConsumerPool:
         self.breaker = breaker
         self.rate_limit = rate_limit
         self.mode = mode
+        self.results = bool(results)
+        self.output = output
         self._async = is_async
         self._bucket = TokenBucket(rate_limit) if rate_limit is not None else None
         self._clock: Callable[[], float] = time.monotonic
@@ -531,12 +548,30 @@ class ConsumerPool:
         if self.task_timeout is not None and not self._async:
             self._expire(now)
             interval = min(interval, self.task_timeout / 4)
+        self._renew_leases()
+        interval = min(interval, self.lease / 4)
         if self.max_workers > self.workers and now >= self._next_scale:
             self._scale(now)
             self._next_scale = now + SCALE_INTERVAL_SECONDS
         if self.max_workers > self.workers:
             interval = min(interval, max(self._next_scale - now, 0.001))
         return interval
+
+    def _renew_leases(self) -> None:
+        """Extend the leases of tasks still running past half their lease (a heartbeat).
+
+        Without it a task that runs longer than `lease` is delivered to another consumer while
+        it still runs; with it, only a dead process's tasks are redelivered.
+        """
+        wall = time.time()
+        with self._lock:
+            running = [t for t in self._running if t.started and not t.settled and not t.abandoned
+                       and t.msg.lease_deadline - wall < self.lease / 2]
+        consumer = self._consumer
+        for t in running:
+            if consumer is not None and not consumer.extend(t.msg, seconds=self.lease):
+                log.warning("%r: the lease of the task at offset %d ran out while it ran; it may run twice",
+                            self, t.msg.offset)
 
     def _expire(self, now: float) -> None:
         assert self.task_timeout is not None
@@ -646,7 +681,7 @@ class ConsumerPool:
             return
         t0 = time.perf_counter()
         try:
-            self.handler(msg)
+            value = self.handler(msg)
         except Exception as exc:
             self._settle(task, exc, time.perf_counter() - t0, now)
         except BaseException as exc:
@@ -654,11 +689,16 @@ class ConsumerPool:
             self._settle(task, None, 0.0, now, release=True)
             self._break(exc)
         else:
-            self._settle(task, None, time.perf_counter() - t0, now)
+            self._settle(task, None, time.perf_counter() - t0, now, value=value)
 
     def _settle(self, task: _Task, exc: Exception | None, elapsed: float, now: float | None, *,
-                release: bool = False) -> None:
-        """Apply a finished task's outcome unless it was abandoned meanwhile."""
+                release: bool = False, value: Any = None) -> None:
+        """Apply a finished task's outcome unless it was abandoned meanwhile.
+
+        A success first puts the handler's output into the next queue (`output=`), then acks
+        with the result (`results=True`): a crash in between re-runs the handler, and the
+        idempotency keys of the outputs absorb the repeat.
+        """
         with self._lock:
             if task.abandoned:
                 return  # timed out or handed back at stop: the late result is ignored
@@ -681,7 +721,16 @@ class ConsumerPool:
                 self.breaker.record(exc is None or isinstance(exc, Reject),
                                     self._clock() if now is None else now, probe=task.probe)
             if exc is None:
-                self._consumer.ack(task.msg)  # type: ignore[union-attr]
+                try:
+                    if self.output is not None:
+                        emit(self.queue, self.group, task.msg, value, self.output)
+                    if self.results:
+                        self._consumer.ack(task.msg, result=value)  # type: ignore[union-attr]
+                    else:
+                        self._consumer.ack(task.msg)  # type: ignore[union-attr]
+                except (SerializationError, RecordTooLargeError, Full) as out_exc:
+                    # The output or result cannot be kept: the task failed like any handler error.
+                    self._apply_failure(task, out_exc)
             else:
                 self._apply_failure(task, exc)
         except Exception as fatal:

@@ -99,17 +99,17 @@ async def run_task(pool: ConsumerPool, task: _Task) -> None:
     t0 = time.perf_counter()
     try:
         if pool.task_timeout is None:
-            await pool.handler(msg)
+            value = await pool.handler(msg)
         else:
             try:
-                await asyncio.wait_for(pool.handler(msg), pool.task_timeout)
+                value = await asyncio.wait_for(pool.handler(msg), pool.task_timeout)
             except asyncio.TimeoutError:
                 pool._count("timed_out")
                 raise TimeoutError(f"task ran longer than task_timeout={pool.task_timeout} s") from None
     except Exception as exc:
         pool._settle(task, exc, time.perf_counter() - t0, None)
     else:
-        pool._settle(task, None, time.perf_counter() - t0, None)
+        pool._settle(task, None, time.perf_counter() - t0, None, value=value)
 
 
 __all__ = ["EventLoopWorkers", "run_task"]

@@ -64,7 +64,8 @@ def _queue_options(pool: ConsumerPool) -> dict[str, Any]:
 def _pool_options(pool: ConsumerPool) -> dict[str, Any]:
     return {"group": pool.group, "workers": 1, "max_attempts": pool.max_attempts, "backoff": pool.backoff,
             "lease": pool.lease, "task_timeout": pool.task_timeout, "breaker": pool.breaker,
-            "rate_limit": None if pool.rate_limit is None else pool.rate_limit / pool.workers}
+            "rate_limit": None if pool.rate_limit is None else pool.rate_limit / pool.workers,
+            "results": pool.results}
 
 
 def child_main(path: str, queue_options: dict[str, Any], handler: Handler, pool_options: dict[str, Any],

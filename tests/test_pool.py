@@ -621,13 +621,31 @@ def test_process_mode_restarts_a_killed_worker(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- core needs
 
 
-@pytest.mark.xfail(raises=AttributeError, strict=True,
-                   reason="core need: no lease extension, so a task longer than `lease` can run twice")
-def test_core_need_consumer_extends_a_lease(pq: pqueue.Queue) -> None:
-    """A long task should be able to keep its lease (a heartbeat) instead of being redelivered."""
+def test_consumer_extends_a_lease(pq: pqueue.Queue) -> None:
+    """A long task keeps its lease (a heartbeat) instead of being redelivered; a lost one says so."""
     pq.put("long")
     c = pq.consumer("default")
     m = c.get(timeout=1)
-    c.extend(m, seconds=60)  # type: ignore[attr-defined]
+    assert c.extend(m, seconds=60)
     assert m.lease_deadline > time.time() + 50
+    assert pq.status(m.offset) == "in_flight"
+    m.ack()
+    assert not c.extend(m, seconds=60)
+
+
+def test_pool_heartbeat_keeps_a_long_task_from_running_twice(tmp_path: Path) -> None:
+    """A task running three times its lease is not delivered to a second consumer meanwhile."""
+    runs: list[int] = []
+    with pqueue.Queue(tmp_path / "q") as q, pqueue.Queue(tmp_path / "q") as other:
+        q.put("slow")
+
+        def handler(msg: pqueue.Message) -> None:
+            runs.append(msg.offset)
+            time.sleep(0.9)
+
+        with pqueue.ConsumerPool(q, handler, workers=1, lease=0.3):
+            time.sleep(0.2)
+            with pytest.raises(pqueue.Empty):
+                other.consumer().get(timeout=0.8)
+        assert runs == [0]
 
