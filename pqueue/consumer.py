@@ -16,11 +16,12 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
+from . import schedule
 from .errors import ClosedError, CorruptRecordError, Empty, SerializationError
 from .index import Grant, GroupState, owner_token
 from .log import Position, ReadResult
 from .message import Message
-from .record import ATTR_EXPIRES, ATTR_NOT_BEFORE
+from .record import ATTR_BOOT, ATTR_EXPIRES, ATTR_NOT_BEFORE
 
 if TYPE_CHECKING:
     from .queue import Queue
@@ -33,6 +34,7 @@ ACK_BATCH = 256  # commit pending acks once this many are waiting
 POLL_MIN_SECONDS = 0.0005  # a blocked get() polls for other processes' puts from this often ...
 POLL_MAX_SECONDS = 0.02  # ... backing off to this
 REAP_SECONDS = 5.0  # look for leases of dead processes this often
+STATUS_LOOKAHEAD = 10_000  # records status() reads ahead of the dispatch cursor to find a delay
 HANDED_BACK_DUE = 0  # due time of uncharged hand-backs: before any retry, in offset order
 NO_RESULT: Any = object()  # ack() without a result
 
@@ -435,7 +437,28 @@ class Consumer:
             if offset in self._pending:
                 return "done"
             state = self._queue._index.status(self.group, offset)
-        return state or "pending"
+        if state in (None, "pending"):
+            return "delayed" if self._delayed_ahead(offset) else "pending"
+        return state
+
+    def _delayed_ahead(self, offset: int) -> bool:
+        """Whether a record no consumer of the group has reached yet carries a future not-before.
+
+        Looks ahead at most STATUS_LOOKAHEAD records from the dispatch cursor (beyond, it
+        reports "pending": knowing would mean reading that much of the log).
+        """
+        g = self._queue._index.peek(self.group)
+        if g is None or not 0 <= offset - g.dispatch < STATUS_LOOKAHEAD:
+            return False
+        result = self._queue._log.read(Position(g.dispatch_seg, g.dispatch_pos), g.dispatch, offset - g.dispatch + 1)
+        for _seg, rec in result.records:
+            if rec.offset == offset:
+                not_before = rec.attrs.get(ATTR_NOT_BEFORE) if rec.attrs else None
+                if not_before is None:
+                    return False
+                due = schedule.due_at(float(not_before), rec.timestamp_ns / 1e9, rec.attrs.get(ATTR_BOOT), time.time())
+                return due > time.time()
+        return False
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -481,4 +504,4 @@ class Consumer:
         return {"group": self.group, "held": len(self._held), "prefetched": len(self._buffer)}
 
 
-__all__ = ["Consumer", "check_timeout", "ATTR_NOT_BEFORE"]
+__all__ = ["Consumer", "check_timeout"]

@@ -86,16 +86,19 @@ def _unpack(data: Any) -> Any:
 
 _envs: dict[str, tuple[lmdb.Environment, int]] = {}  # realpath -> (env, users)
 _envs_lock = threading.Lock()  # guards _envs
-_forked_envs: list[lmdb.Environment] = []  # parent's envs in a child: never used, never closed
 
 
 def _forget_envs_after_fork() -> None:
-    # LMDB forbids using a parent's environment in a forked child (py-lmdb #346). Closing it
-    # there would touch the parent's lock state, so keep the objects alive and unused.
+    # LMDB forbids using a parent's environment in a forked child (py-lmdb #346), and py-lmdb
+    # refuses to open the same files again while the inherited object is open. Closing the
+    # inherited object in the child is safe: LMDB's fcntl locks belong to the parent process
+    # (a child never inherits them), and close() only clears reader slots of the child's pid.
     global _envs_lock
-    _forked_envs.extend(env for env, _users in _envs.values())
+    inherited = [env for env, _users in _envs.values()]
     _envs.clear()
     _envs_lock = threading.Lock()
+    for env in inherited:
+        env.close()
 
 
 os.register_at_fork(after_in_child=_forget_envs_after_fork)
@@ -236,20 +239,23 @@ class Index:
             raise ReadOnlyError(f"{self.env_path} is read-only; open the queue where it can write") from exc
         except lmdb.Error as exc:
             raise _translate(exc, self.env_path) from exc
-        self._open_dbs()
+        try:
+            self._open_dbs()
+            self._check_format()
+        except BaseException:
+            _release_env(self.env_path)  # a later open must not find a half-opened environment
+            raise
         if created and not readonly:
             # LMDB never fsyncs its directory: without this a power cut can erase a new
             # queue's index (notes/powerloss.md, test_lmdb_new_env_without_dir_fsync_vanishes).
             _fsync_dir(self.env_path)
             _fsync_dir(self.path)
-        self._check_format()
         self._closed = False
 
     def _open_dbs(self) -> None:
         env = self.env
         if self.readonly:
-            with env.begin() as txn:
-                names = {k for k, _ in txn.cursor()}
+            names = self.read(lambda txn: {bytes(k) for k, _ in txn.cursor()})
             self.db: dict[str, Any] = {}
             for name in DATABASES:
                 if name.encode() in names:
@@ -261,13 +267,15 @@ class Index:
         meta = self.db.get("meta")
         if meta is None:
             return
-        with self.env.begin(db=meta) as txn:
-            raw = txn.get(b"format")
+        raw = self.read(lambda txn: txn.get(b"format", db=meta))
         if raw is None:
             if not self.readonly:
                 self.write(lambda txn: txn.put(b"format", _U64.pack(FORMAT_VERSION), db=self.db["meta"]))
             return
-        found = _U64.unpack(raw)[0]
+        try:
+            found = _U64.unpack(raw)[0]
+        except struct.error as exc:
+            raise _damaged(exc, self.env_path) from exc
         if found > FORMAT_VERSION:
             raise FormatVersionError(found, FORMAT_VERSION, self.env_path)
 
@@ -292,6 +300,8 @@ class Index:
                 self.env.set_mapsize(0)  # another process grew it: adopt the new size
             except lmdb.Error as exc:
                 raise _translate(exc, self.env_path) from exc
+            except _DAMAGED_VALUE as exc:
+                raise _damaged(exc, self.env_path) from exc
         raise QueueError(f"{self.env_path}: the index could not grow; check free disk space")
 
     def read(self, fn: Callable[[lmdb.Transaction], Any]) -> Any:
@@ -303,13 +313,18 @@ class Index:
                 self.env.set_mapsize(0)
             except lmdb.Error as exc:
                 raise _translate(exc, self.env_path) from exc
+            except _DAMAGED_VALUE as exc:
+                raise _damaged(exc, self.env_path) from exc
         raise QueueError(f"{self.env_path}: the index keeps being resized; retry")
 
     # ------------------------------------------------------------------ meta
 
     def recovery_point(self) -> tuple[int, int, int] | None:
-        raw = self.read(lambda txn: txn.get(b"rp", db=self.db["meta"]))
-        return None if raw is None else _RP.unpack(raw)
+        def fn(txn: lmdb.Transaction) -> tuple[int, int, int] | None:
+            raw = txn.get(b"rp", db=self.db["meta"])
+            return None if raw is None else _RP.unpack(raw)
+        result: tuple[int, int, int] | None = self.read(fn)
+        return result
 
     def save_recovery_point(self, rp: tuple[int, int, int]) -> None:
         self.write(lambda txn: txn.put(b"rp", _RP.pack(*rp), db=self.db["meta"]))
@@ -333,9 +348,9 @@ class Index:
     def group(self, name: str, first: tuple[int, int]) -> GroupState:
         """The state of group `name`, created at the oldest record (`first` = seg, offset)."""
         key = name.encode()
-        raw = self.read(lambda txn: txn.get(key, db=self.db["groups"]))
-        if raw is not None:
-            return GroupState.unpack(raw)
+        existing = self.peek(name)
+        if existing is not None:
+            return existing
 
         def create(txn: lmdb.Transaction) -> GroupState:
             raw = txn.get(key, db=self.db["groups"])
@@ -428,8 +443,11 @@ class Index:
         return result
 
     def peek(self, group: str) -> GroupState | None:
-        raw = self.read(lambda txn: txn.get(group.encode(), db=self.db["groups"]))
-        return None if raw is None else GroupState.unpack(raw)
+        def fn(txn: lmdb.Transaction) -> GroupState | None:
+            raw = txn.get(group.encode(), db=self.db["groups"])
+            return None if raw is None else GroupState.unpack(raw)
+        result: GroupState | None = self.read(fn)
+        return result
 
     def reap_dead_owners(self, group: str) -> int:
         """Make the leases of processes that no longer exist due now; return how many."""
@@ -580,8 +598,11 @@ class Index:
 
     def key_lookup(self, key: str) -> list[int] | None:
         """[offset, seg, pos, time_ms] of idempotency key `key`, or None."""
-        raw = self.read(lambda txn: txn.get(key.encode(), db=self.db["keys"]))
-        return None if raw is None else list(_unpack(raw))
+        def fn(txn: lmdb.Transaction) -> list[int] | None:
+            raw = txn.get(key.encode(), db=self.db["keys"])
+            return None if raw is None else [int(x) for x in _unpack(raw)[:4]]
+        result: list[int] | None = self.read(fn)
+        return result
 
     def key_claim(self, key: str, offset: int, seg: int, pos: int, now_ms: int, window_ms: int) -> None:
         """Record that `key` names the record about to be written at (seg, pos) as `offset`.
@@ -619,8 +640,11 @@ class Index:
         self.write(fn)
 
     def priority_from(self) -> int | None:
-        raw = self.read(lambda txn: txn.get(b"prio_from", db=self.db["meta"]))
-        return None if raw is None else int(_U64.unpack(raw)[0])
+        def fn(txn: lmdb.Transaction) -> int | None:
+            raw = txn.get(b"prio_from", db=self.db["meta"])
+            return None if raw is None else int(_U64.unpack(raw)[0])
+        result: int | None = self.read(fn)
+        return result
 
     def count_dropped(self, first: int, nxt: int) -> None:
         """A byte cap deleted offsets [first, nxt) unread: count them for `stat`."""
@@ -634,8 +658,9 @@ class Index:
         db = self.db.get("meta")
         if db is None:
             return 0
-        raw = self.read(lambda txn: txn.get(b"dropped", db=db))
-        return 0 if raw is None else int(_U64.unpack(raw)[0])
+        result: int = self.read(lambda txn: 0 if (raw := txn.get(b"dropped", db=db)) is None
+                                else int(_U64.unpack(raw)[0]))
+        return result
 
     def extend(self, group: str, owner: list[Any], offset: int, seg: int, pos: int, attempt: int,
                deadline_ms: int) -> bool:
@@ -665,6 +690,36 @@ class Index:
             return True
 
         return bool(self.write(fn))
+
+    def periodic_last(self, name: str) -> int | None:
+        """The start (Unix ms) of the last period the task scheduler enqueued for periodic task `name`.
+
+        Kept for pqueue.periodic; like the rest of the index it is lost with it, which costs at
+        most one period (the scheduler starts over at the next boundary; keys dedupe the rest).
+        """
+        db = self.db.get("meta")
+        if db is None:
+            return None
+        raw = self.read(lambda txn: txn.get(b"periodic:" + name.encode(), db=db))
+        return None if raw is None else int(_U64.unpack(raw)[0])
+
+    def periodic_advance(self, name: str, start_ms: int) -> int:
+        """Record `start_ms` as `name`'s last enqueued period unless a later one is recorded.
+
+        Never moves backwards, so schedulers of several processes (or a clock that jumped back)
+        cannot undo each other. Returns the value now stored.
+        """
+        key = b"periodic:" + name.encode()
+
+        def fn(txn: lmdb.Transaction) -> int:
+            raw = txn.get(key, db=self.db["meta"])
+            stored = -1 if raw is None else int(_U64.unpack(raw)[0])
+            if start_ms > stored:
+                txn.put(key, _U64.pack(start_ms), db=self.db["meta"])
+                return start_ms
+            return stored
+        result: int = self.write(fn)
+        return result
 
     # ------------------------------------------------------------------ results
 
@@ -1106,6 +1161,19 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+# What decoding a garbage value raises (msgpack's errors are ValueError subclasses).
+_DAMAGED_VALUE = (TypeError, ValueError, IndexError, KeyError, struct.error)
+
+
+class IndexDamaged(QueueError):
+    """A value in the index does not decode: the index must be rebuilt from the log."""
+
+
+def _damaged(exc: BaseException, where: str) -> QueueError:
+    return IndexDamaged(f"{where}: the index holds a damaged value ({type(exc).__name__}: {exc}); run "
+                        f"`pqueue repair` to rebuild it from the log")
+
+
 def _translate(exc: lmdb.Error, where: str) -> QueueError:
     text = str(exc)
     if isinstance(exc, lmdb.DiskError) or "No space left" in text or getattr(exc, "errno", None) == errno.ENOSPC:
@@ -1118,4 +1186,4 @@ def _translate(exc: lmdb.Error, where: str) -> QueueError:
 def is_unreadable(exc: BaseException) -> bool:
     """Whether opening the index failed because its files are damaged (so rebuild it)."""
     return isinstance(exc, (lmdb.InvalidError, lmdb.CorruptedError, lmdb.VersionMismatchError,
-                            lmdb.PageNotFoundError, lmdb.BadValsizeError))
+                            lmdb.PageNotFoundError, lmdb.BadValsizeError, IndexDamaged))

@@ -701,14 +701,20 @@ def _index_checks(path: str, end: int, bases: list[int]) -> tuple[list[str], lis
                 warnings.append(f"recovery point is at byte {rp[1]} of segment {rp[0]}, past its end ({size}); "
                                 f"the next writer scans that segment from its start")
         for name, g in sorted(index.groups().items()):
-            if g.committed > g.dispatch:
+            # W may pass D only over priority records taken out of order (below the scan S).
+            if g.committed > max(g.dispatch, g.scan):
                 problems.append(f"group {name!r}: committed offset {g.committed} is above its dispatch offset "
-                                f"{g.dispatch}")
+                                f"{max(g.dispatch, g.scan)}")
             if g.dispatch > end:
                 warnings.append(f"group {name!r}: offsets up to {g.dispatch - 1} were handed out but the log "
                                 f"ends at {end - 1} (a power loss cut it); new records start above them")
             if bases and g.dispatch_seg not in bases and bases[0] <= g.dispatch_seg <= bases[-1]:
                 problems.append(f"group {name!r}: reads from segment {g.dispatch_seg}, which is missing")
+    except QueueError as exc:
+        # The environment opens but holds values that do not decode: rebuild it like an
+        # unreadable one.
+        problems.append(f"{exc}")
+        return problems, warnings, "unreadable"
     finally:
         index.close()
     return problems, warnings, "ok"

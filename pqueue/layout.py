@@ -11,6 +11,7 @@ import errno
 import json
 import logging
 import os
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ log = logging.getLogger(__name__)
 
 ID_FILE = "queue.id"
 # What a queue directory may hold; a directory with anything else is not ours.
-OWN_ENTRIES = {"log", "index", "write.lock", ID_FILE, ID_FILE + ".tmp", "quarantine", "dlq"}
+OWN_ENTRIES = {"log", "index", "write.lock", ID_FILE, "quarantine", "dlq"}
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ def open_dir(path: str, *, create: bool) -> Identity:
         raise NotAQueueError(f"{path} is a file, not a queue directory")
     if os.path.isdir(path):
         entries = set(os.listdir(path))
-        strangers = entries - OWN_ENTRIES
+        strangers = {e for e in entries - OWN_ENTRIES if not (e.startswith(ID_FILE + ".") and e.endswith(".tmp"))}
         if strangers:
             shown = ", ".join(sorted(strangers)[:5])
             raise NotAQueueError(f"{path} is not a pqueue directory (it holds {shown}); pqueue leaves "
@@ -79,15 +80,23 @@ def _create(path: str) -> Identity:
         identity = Identity(str(uuid.uuid4()), int(time.time() * 1000), FORMAT_VERSION)
         data = json.dumps({"source_id": identity.source_id, "created_ms": identity.created_ms,
                            "format": identity.format}).encode() + b"\n"
-        tmp = os.path.join(path, ID_FILE + ".tmp")
+        # Several threads or processes may create the same queue at once: each writes its own
+        # tmp file and links it into place; link() fails if a queue.id is there already, and
+        # the loser adopts the winner's identity.
+        tmp = os.path.join(path, f"{ID_FILE}.{os.getpid()}.{threading.get_ident()}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
         try:
             write_all(fd, data)
             os.fsync(fd)  # the content is durable before the name points at it
         finally:
             os.close(fd)
-        os.replace(tmp, os.path.join(path, ID_FILE))
-        fsync_dir(path)  # ... and the rename (with log/) survives power loss
+        try:
+            os.link(tmp, os.path.join(path, ID_FILE))
+        except FileExistsError:
+            return read_identity(path)
+        finally:
+            os.unlink(tmp)
+        fsync_dir(path)  # ... and the new name (with log/) survives power loss
         return identity
     except OSError as exc:
         if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):

@@ -47,6 +47,7 @@ from crc32c import crc32c
 from . import segment
 from .errors import DiskFullError, Full, QueueError, ReadOnlyError, RecordTooLargeError
 from .record import (
+    RECORD_HEADER,
     RECORD_HEADER_BYTES,
     SEGMENT_HEADER_BYTES,
     Record,
@@ -54,6 +55,7 @@ from .record import (
     encode_record,
     encode_seal,
     find_resync,
+    parse_one,
 )
 
 log = logging.getLogger(__name__)
@@ -262,8 +264,11 @@ class Log:
             offset = self._next
             body = _pack_body(n, offset, _time_ns(), 0, codec, len(attrs)) + attrs + payload
             data = _pack_crc(crc32c(body)) + body
-            if os.write(self._fd, data) != len(data):
-                self._short_write(data)
+            try:
+                if os.write(self._fd, data) != len(data):
+                    self._short_write(data)
+            except OSError as exc:
+                raise self._failed_write(exc) from exc
             self._pos += len(data)
             self._next = offset + 1
             self._seq = seq = self._seq + 1
@@ -271,8 +276,6 @@ class Log:
                 self._roll(offset + 1)
             elif not seq & (HANDOFF_CHECK_PUTS - 1) and self._waiter_map is not None and self._waiter_map[0]:
                 self._hand_over()
-        except OSError as exc:
-            raise self._failed_write(exc) from exc
         finally:
             wlock.release()
         if seq >= self._sync_due_seq:
@@ -451,7 +454,7 @@ class Log:
         that fails, the writer gives up the OS lock and redoes recovery before the next append.
         """
         try:
-            if self._fd >= 0:
+            if self._fd >= 0 and self._have_flock:
                 os.ftruncate(self._fd, self._pos)
         except OSError as trunc_exc:
             log.error("could not truncate a failed append in %s: %s", self.log_dir, trunc_exc)
@@ -611,6 +614,10 @@ class Log:
                 self._recover()
             else:
                 self._catch_up()
+        except OSError as exc:
+            self._drop_flock()
+            self._recovered = False  # start over from the disk at the next append
+            raise self._write_error(exc) from exc
         except BaseException:
             self._drop_flock()
             raise
@@ -704,19 +711,34 @@ class Log:
         writing it now. It is copied to quarantine/ and truncated.
         """
         while True:
-            rfd = self._reader_fd(seg)
-            result = segment.scan(rfd, pos, next_offset, 1 << 62, self.max_record_bytes)
+            try:
+                rfd = self._reader_fd(seg)
+            except FileNotFoundError:
+                # Sealed by another writer and then deleted by retention (which never deletes
+                # the newest segment): go on at the first segment after it.
+                newer = [b for b in segment.list_segments(self.log_dir) if b > seg]
+                if not newer:
+                    raise QueueError(f"{self.log_dir}: segment {seg} vanished and no newer segment exists; "
+                                     f"was the log edited by hand? run `pqueue verify`") from None
+                if not self._open_existing(newer[0]):
+                    return
+                seg, pos, next_offset = newer[0], SEGMENT_HEADER_BYTES, max(next_offset, newer[0])
+                continue
+            result = segment.walk(rfd, max(pos, SEGMENT_HEADER_BYTES), next_offset, self.max_record_bytes)
             pos, next_offset = result.pos, result.next_offset
             if result.stop == "seal":
                 nxt = result.seal_next
-                if not os.path.exists(os.path.join(self.log_dir, segment.segment_name(nxt))):
-                    # A crash after sealing, before the next segment was created.
+                later = [b for b in segment.list_segments(self.log_dir) if b >= nxt]
+                if not later:
+                    # A crash after sealing, before the next segment was created. (Retention
+                    # never deletes the newest segment, so a missing next one with nothing
+                    # after it cannot have been consumed and deleted.)
                     self._close_active()
                     self._open_new_segment(nxt)
                     return
-                if not self._open_existing(nxt):
+                if not self._open_existing(later[0]):
                     return
-                seg, pos, next_offset = nxt, SEGMENT_HEADER_BYTES, nxt
+                seg, pos, next_offset = later[0], SEGMENT_HEADER_BYTES, max(next_offset, later[0])
                 continue
             if result.stop == "end":
                 break
@@ -726,8 +748,9 @@ class Log:
             end = os.lseek(rfd, 0, os.SEEK_END)
             found = self._resync(rfd, pos, next_offset, end)
             if found is not None:
-                log.warning("%s: damaged bytes at %d in segment %d; readers will skip them",
-                            self.log_dir, pos, seg)
+                if found[0] != pos:
+                    log.warning("%s: damaged bytes at %d in segment %d; readers will skip them",
+                                self.log_dir, pos, seg)
                 pos, next_offset = found
                 continue
             self._quarantine(seg, pos, end - pos, "torn tail")
@@ -739,20 +762,36 @@ class Log:
         self._seg, self._pos, self._next = seg, pos, next_offset
 
     def _resync(self, rfd: int, pos: int, next_offset: int, end: int) -> tuple[int, int] | None:
-        """Find the next valid record after damage at `pos`: (its position, the offset expected there).
+        """Find the next valid record at or after damage at `pos`: (its position, its offset).
 
-        Reads windows of RESYNC_WINDOW_BYTES; windows overlap by half so that a record cut by
-        a window edge is whole in the next one.
+        The search starts at `pos` itself: a record another process was still writing when the
+        scan read it may be complete now (then it is found there, and nothing is damaged);
+        records written after it are only ever behind it. Reads windows of
+        RESYNC_WINDOW_BYTES; windows overlap by half so that a record cut by a window edge is
+        whole in the next one.
         """
+        # The record at `pos` itself counts only under the offset expected there: a valid
+        # record with another offset in its place is misplaced, not the next record.
+        head = os.pread(rfd, RECORD_HEADER_BYTES, pos)
+        if len(head) == RECORD_HEADER_BYTES:
+            _crc, length, _off, _ts, _flags, _codec, attrs_len = RECORD_HEADER.unpack(head)
+            size = RECORD_HEADER_BYTES + attrs_len + length
+            if length <= self.max_record_bytes and pos + size <= end:  # never read a garbage length
+                got_here = parse_one(os.pread(rfd, size, pos), 0, pos, next_offset, self.max_record_bytes)
+                if isinstance(got_here, (Record, Seal)):
+                    return pos, next_offset
         start = pos + 1
         while start < end:
-            buf = os.pread(rfd, RESYNC_WINDOW_BYTES, start)
+            # Never past `end`, the size the caller saw when the scan stopped: a record another
+            # process finishes meanwhile (and any after it) must not make the unfinished one
+            # look like damage with valid records behind it.
+            buf = os.pread(rfd, min(RESYNC_WINDOW_BYTES, end - start), start)
             got = find_resync(buf, 0, start, next_offset, RESYNC_CANDIDATES, self.max_record_bytes)
             if got is not None:
                 at, rec = got
                 # After a seal the scan moves on by itself and reports the skipped offsets.
                 return start + at, (next_offset if isinstance(rec, Seal) else rec.offset)
-            if len(buf) < RESYNC_WINDOW_BYTES:
+            if start + len(buf) >= end:
                 return None
             start += RESYNC_WINDOW_BYTES // 2
         return None
@@ -786,7 +825,15 @@ class Log:
             # The old segment stays unsealed; readers move on when they see a newer segment.
             log.error("%s: could not seal segment %d: %s", self.log_dir, self._seg, exc)
         self._close_active()
-        self._open_new_segment(next_base)
+        try:
+            self._open_new_segment(next_base)
+        except OSError as exc:
+            # Nothing may be appended behind a seal: the next append redoes recovery, which
+            # creates the segment the seal names. The record just written stays written.
+            log.error("%s: could not create segment %d: %s; retrying at the next append", self.log_dir,
+                      next_base, exc)
+            self._mark_broken()
+            return
         with self._sync_cond:
             self._set_synced(self._seq)
         self._unsynced_since = 0.0
@@ -823,6 +870,11 @@ class Log:
                 # Appends do not timestamp themselves (that would cost every put a clock
                 # read): writes seen now happened after the previous tick at the earliest.
                 self._seen_seq = self._seq
+                if self.fsync.mode == "never" and self._fd >= 0:
+                    # Nothing is ever "synced" here: the recovery point follows the end seen,
+                    # trusting the OS as this mode does, so a reopen after a crash scans at
+                    # most a second's appends rather than the whole segment.
+                    self._rp_pending = (self._seg, self._pos, self._next)
                 if not self._unsynced_since and self._seq > self._synced_seq:
                     self._unsynced_since = self._last_tick or now
             self._last_tick = now
@@ -937,6 +989,8 @@ class Log:
                 # "bad", or "incomplete" with a length field that may be damaged: valid records
                 # behind it make it rot (a write in progress has nothing valid behind it).
                 found = self._resync(fd, pos, next_offset, end)
+                if found is not None and found[0] == pos:
+                    continue  # a write in progress has completed: read on
                 if found is not None:
                     length = found[0] - pos
                     reason = result.reason or "length field points past the end of the record"

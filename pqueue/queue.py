@@ -185,8 +185,7 @@ class Queue:
         try:
             return Index(self.path)
         except QueueError as exc:
-            cause = exc.__cause__
-            if cause is None or not is_unreadable(cause):
+            if not is_unreadable(exc) and (exc.__cause__ is None or not is_unreadable(exc.__cause__)):
                 raise
         # The index is damaged: move it aside (never delete) and rebuild from the log. The
         # cost is redelivery of what was already consumed, never loss.

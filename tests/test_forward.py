@@ -372,8 +372,12 @@ def torture(path: Path, args: list[str], n: int, offsets: Callable[[], list[int]
             time.sleep(rng.uniform(0.2, 0.6))  # a SIGKILL at a random point of the protocol
             child.kill()
         assert child.wait(30) == -signal.SIGKILL, log.read_text()
+        # New records before the next crash point, so each round has something to send (the
+        # random kill may come after everything so far was shipped).
         if round_no == 1:
-            q.put_many([{"i": i} for i in range(n // 2, n)])
+            q.put_many([{"i": i} for i in range(n // 2, 3 * n // 4)])
+        elif round_no == 3:
+            q.put_many([{"i": i} for i in range(3 * n // 4, n)])
     q.close()
     child = run_child([str(path), *args], "none", log)
     with pqueue.Queue(path) as q2:
