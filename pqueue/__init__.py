@@ -25,11 +25,13 @@ from .pool import ConsumerPool
 from .queue import Queue
 from .record import FORMAT_VERSION
 from .serializers import Serializer
+from .tasks import App, TaskHandle
 
 __version__ = "0.1.0"
 
 __all__ = [
     "FORMAT_VERSION",
+    "App",
     "Backoff",
     "Breaker",
     "ClosedError",
@@ -53,6 +55,7 @@ __all__ = [
     "SerializationError",
     "Serializer",
     "TaskFailed",
+    "TaskHandle",
     "__version__",
     "forward",
 ]

@@ -688,9 +688,67 @@ def _add_forward(sub: Subparsers) -> None:
     p.set_defaults(func=lambda args: args.handler(args))
 
 
+# --------------------------------------------------------------------------- worker
+
+
+def _queue_option(text: str) -> tuple[str, Any]:
+    """KEY=VALUE with VALUE read as JSON when it parses (numbers, true, null), else as a string."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE (e.g. fsync=always)")
+    try:
+        value: Any = json.loads(raw)
+    except ValueError:
+        value = raw
+    return key.strip(), value
+
+
+def _run_worker(args: argparse.Namespace) -> int:
+    import logging
+
+    from .task_runtime import load_app
+
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # The console script does not put the working directory on sys.path (python -m does):
+    # `pqueue worker myapp:app` must find ./myapp.py like celery's and rq's workers do.
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        app = load_app(args.app)
+        if args.queue_option:
+            app.configure(**dict(args.queue_option))
+    except (LookupError, TypeError, RuntimeError) as exc:
+        raise UsageError(str(exc)) from exc
+    if not app.tasks:
+        raise UsageError(f"{args.app} registers no tasks; nothing to run")
+    try:
+        app.run(workers=args.workers, max_workers=args.max_workers, scheduler=not args.no_scheduler,
+                stop_timeout=args.stop_timeout)
+    finally:
+        app.close()
+    return EXIT_OK
+
+
+def _add_worker(sub: Subparsers) -> None:
+    p = _new(sub, "worker", "run the tasks of a pqueue.App (MODULE:APP) until SIGTERM/SIGINT, with its periodic "
+             "scheduler", "pqueue worker myapp:app --workers 4 --queue-option fsync=always", _run_worker, path=False)
+    p.add_argument("app", metavar="MODULE:APP", help="the module to import and the App in it (default attribute: app)")
+    p.add_argument("--workers", type=_count, default=4, metavar="N", help="worker threads (default: 4)")
+    p.add_argument("--max-workers", type=_count, default=None, metavar="N",
+                   help="scale up to N threads while there is a backlog (default: --workers)")
+    p.add_argument("--queue-option", type=_queue_option, action="append", default=[], metavar="KEY=VALUE",
+                   help="a pqueue.Queue option over the app's own (repeatable; VALUE is JSON or a string)")
+    p.add_argument("--no-scheduler", action="store_true", help="do not enqueue periodic tasks from this process")
+    p.add_argument("--stop-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="on SIGTERM/SIGINT, in-flight tasks get this long (default: 30)")
+    p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                   help="log level on stderr (default: INFO: one line per task state change)")
+
+
 COMMANDS: list[Callable[[Subparsers], None]] = [
     _add_dump, _add_stat, _add_verify, _add_repair, _add_put, _add_get, _add_tail, _add_groups, _add_dlq, _add_demo,
-    _add_forward,
+    _add_forward, _add_worker,
 ]
 
 
