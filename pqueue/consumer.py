@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 from . import schedule
 from .errors import ClosedError, CorruptRecordError, Empty, SerializationError
 from .index import Grant, GroupState, owner_token
-from .log import Position, ReadResult
 from .message import Message
+from .reader import Position, ReadResult
 from .record import ATTR_BOOT, ATTR_EXPIRES, ATTR_NOT_BEFORE
 
 if TYPE_CHECKING:
@@ -83,7 +83,7 @@ class Consumer:
         self._owner = [pid, start, next(_handle_ids)]
 
     def _create_group(self) -> GroupState:
-        log_ = self._queue._log
+        log_ = self._queue._log.reader
         pos, offset = log_.first_position()
         return self._queue._index.group(self.group, (pos.segment, offset))
 
@@ -221,20 +221,20 @@ class Consumer:
         if state is None:
             return False
         self._state = state
-        if self._queue._log.has_data_after(Position(state.dispatch_seg, state.dispatch_pos)):
+        if self._queue._log.reader.has_data_after(Position(state.dispatch_seg, state.dispatch_pos)):
             return True
         due = self._queue._index.next_due_ms(state)
         return due is not None and due <= time.time() * 1000
 
     def _read(self, seg: int, pos: int, offset: int, max_records: int) -> ReadResult:
-        result = self._queue._log.read(Position(seg, pos), offset, max_records)
+        result = self._queue._log.reader.read(Position(seg, pos), offset, max_records)
         if self._queue.on_corruption == "raise":
             for d in result.damage:
                 if not d.length:
                     continue
                 before = [(s, r) for s, r in result.records if r.offset < d.first_offset]
                 if not before:
-                    raise CorruptRecordError(self._queue._log.segment_path(d.segment), d.pos, d.reason)
+                    raise CorruptRecordError(self._queue._log.reader.segment_path(d.segment), d.pos, d.reason)
                 # Deliver what comes before the damage first; the next read starts at it and raises.
                 return ReadResult(before, Position(d.segment, d.pos), d.first_offset,
                                   [x for x in result.damage if x.next_offset <= d.first_offset])
@@ -413,7 +413,7 @@ class Consumer:
 
     def qsize(self) -> int:
         """Messages of this group not yet acked (this handle's own acks count at once)."""
-        end = self._queue._log.tail_offset()
+        end = self._queue._log.reader.tail_offset()
         # Under the lock, so the ack flusher cannot move acks from `_pending` into the index
         # between the two reads (they would be counted nowhere).
         with self._lock:
@@ -450,7 +450,8 @@ class Consumer:
         g = self._queue._index.peek(self.group)
         if g is None or not 0 <= offset - g.dispatch < STATUS_LOOKAHEAD:
             return False
-        result = self._queue._log.read(Position(g.dispatch_seg, g.dispatch_pos), g.dispatch, offset - g.dispatch + 1)
+        result = self._queue._log.reader.read(Position(g.dispatch_seg, g.dispatch_pos), g.dispatch,
+                                              offset - g.dispatch + 1)
         for _seg, rec in result.records:
             if rec.offset == offset:
                 not_before = rec.attrs.get(ATTR_NOT_BEFORE) if rec.attrs else None

@@ -276,7 +276,7 @@ class Forwarder:
             start = (state.committed_seg, state.committed_pos)
         seg0, pos0 = start
         total = 0
-        log_ = self.queue._log
+        log_ = self.queue._log.reader
         for base in log_.segments(refresh=False):
             if base < seg0:
                 continue

@@ -20,7 +20,7 @@ from typing import Any
 from . import layout, segment
 from .errors import FormatVersionError, NotAQueueError, QueueError
 from .index import Index, is_unreadable
-from .log import RESYNC_CANDIDATES, RESYNC_WINDOW_BYTES
+from .reader import RESYNC_CANDIDATES, RESYNC_WINDOW_BYTES
 from .record import (
     ATTR_EXPIRES,
     ATTR_KEY,

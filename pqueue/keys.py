@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from .log import Position
+from .reader import Position
 from .record import ATTR_KEY, ATTR_PRIORITY
 
 if TYPE_CHECKING:
@@ -55,7 +55,7 @@ class Keys:
         offset, seg, pos, at_ms = found[:4]
         if time.time() * 1000 - at_ms > self._queue.dedup_window * 1000:
             return None
-        got = self._queue._log.read(Position(seg, pos), offset, 1)
+        got = self._queue._log.reader.read(Position(seg, pos), offset, 1)
         if got.records and got.records[0][1].offset == offset and got.records[0][1].attrs.get(ATTR_KEY) == key:
             return int(offset)
         # The key was claimed but its record never made it (a crash in between), or it was
@@ -64,7 +64,7 @@ class Keys:
 
     def rebuild(self) -> None:
         """Restore keys (within the window) and the priority switch from the log."""
-        log = self._queue._log
+        log = self._queue._log.reader
         pos, offset = log.first_position()
         horizon_ns = (time.time() - self._queue.dedup_window) * 1e9
         index = self._queue._index

@@ -34,29 +34,18 @@ import fcntl
 import logging
 import mmap
 import os
-import re
 import struct
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import NamedTuple
 
 from crc32c import crc32c
 
 from . import segment
 from .errors import DiskFullError, Full, QueueError, ReadOnlyError, RecordTooLargeError
-from .record import (
-    RECORD_HEADER,
-    RECORD_HEADER_BYTES,
-    SEGMENT_HEADER_BYTES,
-    Record,
-    Seal,
-    encode_record,
-    encode_seal,
-    find_resync,
-    parse_one,
-)
+from .policy import FsyncPolicy
+from .reader import LogReader, RecoveryPoint
+from .record import RECORD_HEADER_BYTES, SEGMENT_HEADER_BYTES, encode_record, encode_seal
 
 log = logging.getLogger(__name__)
 _pack_body = struct.Struct("<IQQBBH").pack  # the record header after its CRC field
@@ -71,89 +60,7 @@ WAITER_POLL_LIMIT_SECONDS = 0.05  # ... for at most 50 ms, then blocks in flock(
 GATHER_SECONDS = 0.0002  # group-commit leader waits at most 200 µs for more writers
 RECOVERY_POINT_SECONDS = 1.0  # persist the recovery point at most once a second
 FULL_POLL_SECONDS = 0.01  # a put blocked by max_bytes looks for room this often
-RESYNC_WINDOW_BYTES = 4 << 20  # look this far past damage for the next valid record
-RESYNC_CANDIDATES = 4096  # offsets tried when stepping over damage
 LOCK_FILE_BYTES = 8  # write.lock: byte 0 is the "a writer is waiting" flag
-
-
-@dataclass(frozen=True)
-class FsyncPolicy:
-    """When appended records are fsynced. `mode` is "always", "interval" or "never"."""
-
-    mode: str
-    interval: float = 0.0  # seconds: the longest a record stays unsynced (interval mode)
-    every: int = 0  # records: the most records left unsynced (interval mode; 0 = no bound)
-
-    @classmethod
-    def parse(cls, spec: str | float | int | FsyncPolicy) -> FsyncPolicy:
-        """Accept "always", "never", "interval" (a 100 ms window), a number of seconds,
-        or a string such as "50ms", "2s", "1000 records" or "50ms/1000"."""
-        if isinstance(spec, FsyncPolicy):
-            return spec
-        if isinstance(spec, bool):
-            raise TypeError("fsync must be 'always', 'never', 'interval' or a window such as '50ms'")
-        if isinstance(spec, (int, float)):
-            if spec <= 0:
-                raise ValueError("an fsync interval must be a positive number of seconds")
-            return cls("interval", float(spec), 0)
-        if not isinstance(spec, str):
-            raise TypeError(f"fsync must be a string or a number of seconds, not {type(spec).__name__}")
-        text = spec.strip().lower()
-        if text in ("always", "never"):
-            return cls(text)
-        if text == "interval":
-            return cls("interval", 0.1, 0)
-        interval, every = 0.0, 0
-        for part in text.split("/"):
-            m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|records?)?\s*", part)
-            if not m:
-                raise ValueError(f"bad fsync policy {spec!r}: use 'always', 'never', 'interval', "
-                                 f"'50ms', '2s', '1000 records' or '50ms/1000'")
-            value, unit = float(m.group(1)), m.group(2) or ("records" if "." not in m.group(1) and
-                                                          "/" in text and interval else "s")
-            if unit.startswith("record"):
-                every = int(value)
-            else:
-                interval = value / 1000 if unit == "ms" else value
-        if interval <= 0 and every <= 0:
-            raise ValueError(f"bad fsync policy {spec!r}: the window must be positive")
-        return cls("interval", interval or 3600.0, every)
-
-    def describe(self) -> str:
-        if self.mode != "interval":
-            return self.mode
-        parts = [f"{self.interval * 1000:g}ms"]
-        if self.every:
-            parts.append(f"{self.every} records")
-        return "interval " + "/".join(parts)
-
-
-class Position(NamedTuple):
-    """A place in the log: segment base offset and byte position in that segment."""
-
-    segment: int
-    pos: int
-
-
-class Damage(NamedTuple):
-    """A span of bytes that is not valid records, with the offsets it swallowed."""
-
-    segment: int
-    pos: int
-    length: int
-    first_offset: int  # the first offset that is missing
-    next_offset: int  # the offset of the next readable record
-    reason: str
-
-
-class ReadResult(NamedTuple):
-    records: list[tuple[int, Record]]  # (segment base, record)
-    position: Position  # where the next read starts
-    next_offset: int
-    damage: list[Damage]
-
-
-RecoveryPoint = tuple[int, int, int]  # (segment base, byte position, next offset)
 
 
 def _is_space_error(exc: OSError) -> bool:
@@ -198,11 +105,8 @@ class Log:
         self._on_drop = on_drop
         self._retain = retain
         self.waiters = 0  # getters of this process blocked until the next append (Queue sets it)
-        self._readers: dict[int, int] = {}  # segment base -> O_RDONLY fd, for readers
-        self._readers_lock = threading.Lock()  # guards _readers
-        self._segments_cache: tuple[float, list[int]] = (0.0, [])
-        self._tail: RecoveryPoint | None = None  # furthest end seen by tail_offset()
-        self._tail_lock = threading.Lock()  # guards _tail
+        self.reader = LogReader(path, max_record_bytes=max_record_bytes, load_recovery_point=load_recovery_point,
+                                min_next_offset=min_next_offset, writer_end=self._writer_end)
         self._init_writer_state()
 
     def _init_writer_state(self) -> None:
@@ -380,28 +284,28 @@ class Log:
             raise Full(f"{self.path}: the queue holds {self.disk_bytes()} bytes and a record of {need} "
                        f"does not fit under max_bytes={self.max_bytes}; nothing was written")
         if self.on_full == "drop_oldest":
-            bases = self.segments()
+            bases = self.reader.segments()
             while len(bases) > 1 and self.disk_bytes() + need > self.max_bytes:
                 first, nxt = bases[0], bases[1]
-                self._drop_reader(first)
+                self.reader.drop(first)
                 try:
-                    os.unlink(self.segment_path(first))
+                    os.unlink(self.reader.segment_path(first))
                 except FileNotFoundError:
                     pass
                 segment.fsync_dir(self.log_dir)
                 log.warning("%s: max_bytes=%d reached: dropped segment %d with offsets %d..%d, read or not",
                             self.path, self.max_bytes, first, first, nxt - 1)
                 self._on_drop(first, nxt)
-                bases = self.segments()
+                bases = self.reader.segments()
             return self.disk_bytes() + need <= self.max_bytes or len(bases) <= 1
         return False
 
     def disk_bytes(self) -> int:
         """Bytes of all segment files now (one stat per segment)."""
         total = 0
-        for base in self.segments():
+        for base in self.reader.segments():
             try:
-                total += os.stat(self.segment_path(base)).st_size
+                total += os.stat(self.reader.segment_path(base)).st_size
             except FileNotFoundError:
                 pass  # deleted meanwhile
         return total
@@ -690,13 +594,13 @@ class Log:
         path = os.path.join(self.log_dir, segment.segment_name(base))
         self._close_active()
         if os.path.getsize(path) < SEGMENT_HEADER_BYTES:
-            self._drop_reader(base)
+            self.reader.drop(base)
             os.unlink(path)
             segment.fsync_dir(self.log_dir)
             self._open_new_segment(base)
             return False
         try:
-            segment.read_header(self._reader_fd(base), path)
+            segment.read_header(self.reader.fd(base), path)
         except segment.RecordError as exc:
             log.warning("%s: damaged segment header (%s); reading its records by file name", path, exc)
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | getattr(os, "O_CLOEXEC", 0))
@@ -712,7 +616,7 @@ class Log:
         """
         while True:
             try:
-                rfd = self._reader_fd(seg)
+                rfd = self.reader.fd(seg)
             except FileNotFoundError:
                 # Sealed by another writer and then deleted by retention (which never deletes
                 # the newest segment): go on at the first segment after it.
@@ -746,55 +650,20 @@ class Log:
             # damaged length field looks "incomplete" (it points past the end of the file), so
             # both are checked for valid records behind them before anything is cut.
             end = os.lseek(rfd, 0, os.SEEK_END)
-            found = self._resync(rfd, pos, next_offset, end)
+            found = self.reader.resync(rfd, pos, next_offset, end)
             if found is not None:
                 if found[0] != pos:
                     log.warning("%s: damaged bytes at %d in segment %d; readers will skip them",
                                 self.log_dir, pos, seg)
                 pos, next_offset = found
                 continue
-            self._quarantine(seg, pos, end - pos, "torn tail")
+            self.reader.quarantine(seg, pos, end - pos, "torn tail")
             os.ftruncate(self._fd, pos)
             os.fsync(self._fd)  # rule 7: the truncation is durable before anything is appended
             log.warning("%s: truncated a torn tail of %d bytes at %d in segment %d",
                         self.log_dir, end - pos, pos, seg)
             break
         self._seg, self._pos, self._next = seg, pos, next_offset
-
-    def _resync(self, rfd: int, pos: int, next_offset: int, end: int) -> tuple[int, int] | None:
-        """Find the next valid record at or after damage at `pos`: (its position, its offset).
-
-        The search starts at `pos` itself: a record another process was still writing when the
-        scan read it may be complete now (then it is found there, and nothing is damaged);
-        records written after it are only ever behind it. Reads windows of
-        RESYNC_WINDOW_BYTES; windows overlap by half so that a record cut by a window edge is
-        whole in the next one.
-        """
-        # The record at `pos` itself counts only under the offset expected there: a valid
-        # record with another offset in its place is misplaced, not the next record.
-        head = os.pread(rfd, RECORD_HEADER_BYTES, pos)
-        if len(head) == RECORD_HEADER_BYTES:
-            _crc, length, _off, _ts, _flags, _codec, attrs_len = RECORD_HEADER.unpack(head)
-            size = RECORD_HEADER_BYTES + attrs_len + length
-            if length <= self.max_record_bytes and pos + size <= end:  # never read a garbage length
-                got_here = parse_one(os.pread(rfd, size, pos), 0, pos, next_offset, self.max_record_bytes)
-                if isinstance(got_here, (Record, Seal)):
-                    return pos, next_offset
-        start = pos + 1
-        while start < end:
-            # Never past `end`, the size the caller saw when the scan stopped: a record another
-            # process finishes meanwhile (and any after it) must not make the unfinished one
-            # look like damage with valid records behind it.
-            buf = os.pread(rfd, min(RESYNC_WINDOW_BYTES, end - start), start)
-            got = find_resync(buf, 0, start, next_offset, RESYNC_CANDIDATES, self.max_record_bytes)
-            if got is not None:
-                at, rec = got
-                # After a seal the scan moves on by itself and reports the skipped offsets.
-                return start + at, (next_offset if isinstance(rec, Seal) else rec.offset)
-            if start + len(buf) >= end:
-                return None
-            start += RESYNC_WINDOW_BYTES // 2
-        return None
 
     def _open_new_segment(self, base: int) -> None:
         self._fd = segment.create(self.log_dir, base)
@@ -904,209 +773,9 @@ class Log:
         except Exception as exc:  # the recovery point is a hint: a stale one costs a longer scan
             log.warning("%s: could not save the recovery point: %s", self.log_dir, exc)
 
-    # ------------------------------------------------------------------ reading
-
-    def _reader_fd(self, seg: int) -> int:
-        fd = self._readers.get(seg)
-        if fd is not None:
-            return fd
-        with self._readers_lock:
-            fd = self._readers.get(seg)
-            if fd is None:
-                path = os.path.join(self.log_dir, segment.segment_name(seg))
-                fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-                self._readers[seg] = fd
-        return fd
-
-    def _drop_reader(self, seg: int) -> None:
-        with self._readers_lock:
-            fd = self._readers.pop(seg, None)
-        if fd is not None:
-            os.close(fd)
-
-    def segments(self, *, refresh: bool = True) -> list[int]:
-        """Base offsets of the segments on disk, ascending."""
-        if refresh or not self._segments_cache[1]:
-            self._segments_cache = (time.monotonic(), segment.list_segments(self.log_dir))
-        return self._segments_cache[1]
-
-    def first_position(self) -> tuple[Position, int]:
-        """The position and offset of the oldest record still on disk."""
-        bases = self.segments()
-        if not bases:
-            return Position(0, 0), 0
-        return Position(bases[0], 0), bases[0]
-
-    def read(self, position: Position, next_offset: int, max_records: int) -> ReadResult:
-        """Read up to `max_records` records from `position` (expecting `next_offset` there).
-
-        Never blocks and never takes a lock. An incomplete or invalid record at the very end of
-        the newest segment is a write in progress (or a torn tail a writer will truncate): the
-        read stops before it. Damage with valid records behind it is reported in `damage` and
-        stepped over; its bytes are copied to quarantine/.
-
-        Raises:
-            FormatVersionError: a segment written by a newer pqueue.
-        """
-        out: list[tuple[int, Record]] = []
-        damage: list[Damage] = []
-        seg, pos = position
-        rechecked = False
-        while len(out) < max_records:
-            try:
-                fd = self._reader_fd(seg)
-            except FileNotFoundError:
-                newer = [b for b in self.segments() if b > seg]
-                if not newer:
-                    break
-                # Deleted under us (retention or a drop_oldest cap): go on at the next one.
-                if newer[0] > next_offset:
-                    damage.append(Damage(seg, pos, 0, next_offset, newer[0], "segment deleted"))
-                seg, pos, next_offset = newer[0], 0, max(next_offset, newer[0])
-                continue
-            if pos < SEGMENT_HEADER_BYTES:
-                path = os.path.join(self.log_dir, segment.segment_name(seg))
-                if os.lseek(fd, 0, os.SEEK_END) < SEGMENT_HEADER_BYTES:
-                    break  # being created right now
-                try:
-                    segment.read_header(fd, path)
-                except segment.RecordError:
-                    pass  # damaged header: the file name gives the base, records carry CRCs
-                pos = SEGMENT_HEADER_BYTES
-            result = segment.scan(fd, pos, next_offset, max_records - len(out), self.max_record_bytes)
-            out.extend((seg, r) for r in result.records)
-            pos, next_offset = result.pos, result.next_offset
-            if result.stop == "limit":
-                break
-            if result.stop == "seal":
-                if result.seal_next > next_offset:
-                    damage.append(Damage(seg, pos, 0, next_offset, result.seal_next, "offsets skipped"))
-                seg, pos, next_offset = result.seal_next, 0, max(next_offset, result.seal_next)
-                rechecked = False
-                continue
-            end = os.lseek(fd, 0, os.SEEK_END)
-            if result.stop != "end":
-                # "bad", or "incomplete" with a length field that may be damaged: valid records
-                # behind it make it rot (a write in progress has nothing valid behind it).
-                found = self._resync(fd, pos, next_offset, end)
-                if found is not None and found[0] == pos:
-                    continue  # a write in progress has completed: read on
-                if found is not None:
-                    length = found[0] - pos
-                    reason = result.reason or "length field points past the end of the record"
-                    damage.append(Damage(seg, pos, length, next_offset, found[1], reason))
-                    self._quarantine(seg, pos, length, reason)
-                    pos, next_offset = found
-                    continue
-            # The end of this segment for now. Only the newest segment is ever written, so if a
-            # newer one exists and this one is still unsealed after a second look (the seal may
-            # have landed meanwhile), it was abandoned after a failed write or fsync.
-            # A position past the end of the file means the file was cut (a power loss took
-            # the tail and a writer has moved on): look for the newer segment at once.
-            newer = [b for b in self._listing(force=end < pos) if b > seg]
-            if not newer:
-                break
-            if not rechecked:
-                rechecked = True
-                continue
-            if end > pos:
-                reason = result.reason or "unsealed segment ends inside a record"
-                damage.append(Damage(seg, pos, end - pos, next_offset, newer[0], reason))
-                self._quarantine(seg, pos, end - pos, reason)
-            elif newer[0] > next_offset:
-                damage.append(Damage(seg, pos, 0, next_offset, newer[0], "offsets skipped"))
-            seg, pos, next_offset = newer[0], 0, max(next_offset, newer[0])
-            rechecked = False
-        return ReadResult(out, Position(seg, pos), next_offset, damage)
-
-    def _listing(self, *, force: bool = False) -> list[int]:
-        """The segment list, refreshed at most once a second (only abandoned segments need it)."""
-        taken, bases = self._segments_cache
-        if force or time.monotonic() - taken > 1.0:
-            return self.segments()
-        return bases
-
-    def _quarantine(self, seg: int, pos: int, length: int, reason: str) -> None:
-        """Copy a damaged span to quarantine/ (once); the original bytes stay where they are."""
-        if length <= 0:
-            return
-        name = f"{seg:020d}-{pos:012d}.bad"
-        target = os.path.join(self.quarantine_dir, name)
-        if os.path.exists(target):
-            return
-        try:
-            os.makedirs(self.quarantine_dir, mode=segment.DIR_MODE, exist_ok=True)
-            fd = self._reader_fd(seg)
-            data = os.pread(fd, min(length, 64 << 20), pos)
-            tmp = target + ".tmp"
-            wfd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, segment.FILE_MODE)
-            try:
-                segment.write_all(wfd, data)
-                os.fsync(wfd)
-            finally:
-                os.close(wfd)
-            os.replace(tmp, target)
-            segment.fsync_dir(self.quarantine_dir)
-            log.warning("%s: %d damaged bytes at %d in segment %d (%s) copied to %s",
-                        self.log_dir, length, pos, seg, reason, target)
-        except OSError as exc:
-            log.error("%s: could not copy damaged bytes to quarantine/: %s", self.log_dir, exc)
-
-    def segment_path(self, seg: int) -> str:
-        return os.path.join(self.log_dir, segment.segment_name(seg))
-
-    def has_data_after(self, position: Position) -> bool:
-        """Whether bytes follow `position` (a cheap hint for pollers: one lseek)."""
-        try:
-            fd = self._reader_fd(position.segment)
-        except FileNotFoundError:
-            return True  # deleted under the reader: let it move on
-        # A file shorter than the position was cut under the reader: let read() sort it out.
-        if os.lseek(fd, 0, os.SEEK_END) != max(position.pos, SEGMENT_HEADER_BYTES):
-            return True
-        # At the end of an unsealed segment with a newer one beside it (abandoned after a
-        # failed write or fsync): read() moves on. The listing is at most a second old.
-        listing = self._listing()
-        return bool(listing) and listing[-1] > position.segment
-
-    def tail_offset(self) -> int:
-        """The offset the next record will get, as far as the bytes on disk tell.
-
-        Walks forward from the furthest point known (this process's writer, the last walk, or
-        the recovery point), so repeated calls cost only the records appended since.
-        """
-        with self._tail_lock:
-            start = self._tail
-            if self._recovered:
-                mine = (self._seg, self._pos, self._next)
-                if start is None or mine[:2] > start[:2]:
-                    start = mine
-            if start is None:
-                rp = self._load_rp()
-                bases = self.segments()
-                if not bases:
-                    return self._min_next_offset()
-                if rp is not None and rp[0] == bases[-1]:
-                    start = rp
-                else:
-                    start = (bases[-1], SEGMENT_HEADER_BYTES, bases[-1])
-            seg, pos, nxt = start
-            while True:
-                try:
-                    fd = self._reader_fd(seg)
-                except FileNotFoundError:
-                    bases = [b for b in self.segments() if b > seg]
-                    if not bases:
-                        break
-                    seg, pos, nxt = bases[0], SEGMENT_HEADER_BYTES, max(nxt, bases[0])
-                    continue
-                result = segment.walk(fd, max(pos, SEGMENT_HEADER_BYTES), nxt, self.max_record_bytes)
-                pos, nxt = result.pos, result.next_offset
-                if result.stop != "seal":
-                    break
-                seg, pos, nxt = result.seal_next, SEGMENT_HEADER_BYTES, max(nxt, result.seal_next)
-            self._tail = (seg, pos, nxt)
-            return nxt
+    def _writer_end(self) -> RecoveryPoint | None:
+        """This process's writer's end of the log, when it has found it (for the reader)."""
+        return (self._seg, self._pos, self._next) if self._recovered else None
 
     def end_offset(self) -> int:
         """The next offset a put would get, as far as this process knows (cheap)."""
@@ -1120,17 +789,17 @@ class Log:
         The newest segment is never deleted. Unlink, then fsync the directory (rule 25); a
         crash in between only leaves a segment that the next call deletes again.
         """
-        bases = self.segments()
+        bases = self.reader.segments()
         doomed = [b for b, nxt in zip(bases, bases[1:], strict=False) if nxt <= offset]
         for base in doomed:
-            self._drop_reader(base)
+            self.reader.drop(base)
             try:
                 os.unlink(os.path.join(self.log_dir, segment.segment_name(base)))
             except FileNotFoundError:
                 pass  # another process deleted it first
         if doomed:
             segment.fsync_dir(self.log_dir)
-            self.segments()
+            self.reader.segments()
         return len(doomed)
 
     # ------------------------------------------------------------------ lifecycle
@@ -1164,10 +833,7 @@ class Log:
             if self._lock_fd >= 0:
                 os.close(self._lock_fd)
                 self._lock_fd = -1
-        with self._readers_lock:
-            for fd in self._readers.values():
-                os.close(fd)
-            self._readers.clear()
+        self.reader.close()
         if error is not None:
             raise error
 
@@ -1177,7 +843,7 @@ class Log:
         Inherited descriptors are closed (that never releases the parent's lock) and every lock
         is replaced, since another thread of the parent may have held one at fork time.
         """
-        for fd in [self._fd, self._lock_fd, *self._retired, *self._readers.values()]:
+        for fd in [self._fd, self._lock_fd, *self._retired]:
             if fd >= 0:
                 try:
                     os.close(fd)
@@ -1188,8 +854,7 @@ class Log:
                 self._waiter_map.close()
             except (BufferError, ValueError):
                 pass
-        self._readers = {}
-        self._readers_lock = threading.Lock()
+        self.reader.after_fork_in_child()
         closed = self._closed
         self._init_writer_state()
         self._closed = closed

@@ -16,8 +16,10 @@ from .consumer import Consumer, check_timeout
 from .errors import ClosedError, Empty, QueueError, RecordTooLargeError, SerializationError, TaskFailed
 from .index import Grant, GroupState, Index, is_unreadable
 from .keys import Keys
-from .log import FsyncPolicy, Log, Position
+from .log import Log
 from .message import Message
+from .policy import FsyncPolicy
+from .reader import Position
 from .record import (
     ATTR_BOOT,
     ATTR_EXPIRES,
@@ -173,7 +175,7 @@ class Queue:
         self._dlq: Queue | None = None
         self._dlq_lock = threading.Lock()  # guards _dlq
         self._keys = Keys(self)
-        if self._index.fresh and self._log.segments():
+        if self._index.fresh and self._log.reader.segments():
             self._keys.rebuild()  # a new index beside an old log: keys travel in the records
         self._dumps = self._codec.dumps
         self._codec_id = self._codec.codec
@@ -243,23 +245,17 @@ class Queue:
         """
         if self._closed:
             raise ClosedError(f"queue {self.path} is closed")
-        if (key is None and priority is None and delay is None and not_before is None and ttl is None
-                and self.max_bytes is None):
-            try:
-                payload = self._dumps(item)
-            except Exception as exc:
-                raise SerializationError(
-                    f"cannot serialize {type(item).__name__} with {self._codec.name}: {exc}; nothing was "
-                    f"written") from exc
-            return self._append(self._codec_id, b"", payload)
-        check_timeout(timeout)
-        attrs = self._attrs(key, priority, delay, not_before, ttl)
         try:
             payload = self._dumps(item)
         except Exception as exc:
             raise SerializationError(
                 f"cannot serialize {type(item).__name__} with {self._codec.name}: {exc}; nothing was "
                 f"written") from exc
+        if (key is None and priority is None and delay is None and not_before is None and ttl is None
+                and self.max_bytes is None):
+            return self._append(self._codec_id, b"", payload)  # the hot path: no options, no checks
+        check_timeout(timeout)
+        attrs = self._attrs(key, priority, delay, not_before, ttl)
         before = self._keys.before_put(key, bool(priority)) if key is not None or priority else None
         return self._log.append_checked(self._codec_id, encode_attrs(attrs), payload, before=before,
                                         timeout=timeout if block else 0)
@@ -381,7 +377,7 @@ class Queue:
         Raises:
             ValueError: no record was ever written at `offset`.
         """
-        if not isinstance(offset, int) or offset < 0 or offset >= self._log.tail_offset():
+        if not isinstance(offset, int) or offset < 0 or offset >= self._log.reader.tail_offset():
             raise ValueError(f"no record at offset {offset!r} in {self.path}")
         return self.consumer(group).status(offset)
 
@@ -400,7 +396,7 @@ class Queue:
         """
         self._check_open()
         check_timeout(timeout)
-        if not isinstance(offset, int) or offset < 0 or offset >= self._log.tail_offset():
+        if not isinstance(offset, int) or offset < 0 or offset >= self._log.reader.tail_offset():
             raise ValueError(f"no record at offset {offset!r} in {self.path}")
         deadline = None if timeout is None else time.monotonic() + timeout
         poll = RESULT_POLL_MIN_SECONDS
@@ -523,13 +519,13 @@ class Queue:
         """Delete the segments every group is done with (and their dead-letter markers)."""
         low = self._index.min_committed()
         if low is not None and self._log.delete_below(low):
-            remaining = self._log.segments(refresh=False)
+            remaining = self._log.reader.segments(refresh=False)
             if remaining:
                 self._index.prune_dead_below(remaining[0])
 
     def _after_commit(self, state: GroupState) -> None:
         """Retention: once a group's committed offset passes a segment, maybe delete segments."""
-        bases = self._log.segments(refresh=False)
+        bases = self._log.reader.segments(refresh=False)
         if len(bases) > 1 and state.committed >= bases[1]:
             self._retain()
 

@@ -13,7 +13,7 @@ import pytest
 
 import pqueue
 from pqueue import segment
-from pqueue.log import FsyncPolicy
+from pqueue.policy import FsyncPolicy
 from pqueue.record import SEGMENT_HEADER_BYTES, encode_record
 
 

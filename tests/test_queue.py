@@ -302,7 +302,7 @@ def test_source_id_is_stable(qpath: Path) -> None:
 
 def test_fsync_policy_parsing() -> None:
     """fsync accepts the documented spellings."""
-    from pqueue.log import FsyncPolicy
+    from pqueue.policy import FsyncPolicy
 
     assert FsyncPolicy.parse("always").mode == "always"
     assert FsyncPolicy.parse("interval") == FsyncPolicy("interval", 0.1, 0)
