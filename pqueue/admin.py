@@ -23,9 +23,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from filelock import FileLock
+from filelock import Timeout as FileLockTimeout
+
 from . import inspect, segment
 from .errors import Empty, LockTimeout, QueueError
 from .index import Index
+from .layout import REPAIR_LOCK
 from .message import Message
 from .queue import Queue
 from .record import ATTR_META, SEGMENT_HEADER_BYTES, encode_attrs, encode_seal, encode_segment_header
@@ -257,19 +261,30 @@ def repair(path: str | os.PathLike[str], *, dry_run: bool = False,
             plan.append("would move the index to quarantine/ and build a new one")
         return RepairResult(tuple(plan), True, before)
     actions: list[str] = []
-    if tails or broken:
-        lock = _WriteLock(qpath, LOCK_TIMEOUT_SECONDS)
-        try:
-            for seg, pos in tails:
-                actions.append(_truncate_tail(qpath, seg, pos))
-            if newest in broken:
-                actions.append(_seal_active(qpath, newest))
-            for seg in broken:
-                actions.extend(_rewrite(qpath, seg))
-        finally:
-            lock.release()
-    if index_broken:
-        actions.append(_rebuild_index(qpath))
+    # One repair at a time (two would both move the same index aside): a coarse lock of its
+    # own, separate from the append lock that writers hold across bursts.
+    repair_lock = FileLock(os.path.join(qpath, REPAIR_LOCK), timeout=LOCK_TIMEOUT_SECONDS, mode=0o600)
+    try:
+        repair_lock.acquire()
+    except FileLockTimeout as exc:
+        raise LockTimeout(f"{qpath}: another `pqueue repair` has been running for {LOCK_TIMEOUT_SECONDS} s; "
+                          f"wait for it to finish") from exc
+    try:
+        if tails or broken:
+            lock = _WriteLock(qpath, LOCK_TIMEOUT_SECONDS)
+            try:
+                for seg, pos in tails:
+                    actions.append(_truncate_tail(qpath, seg, pos))
+                if newest in broken:
+                    actions.append(_seal_active(qpath, newest))
+                for seg in broken:
+                    actions.extend(_rewrite(qpath, seg))
+            finally:
+                lock.release()
+        if index_broken:
+            actions.append(_rebuild_index(qpath))
+    finally:
+        repair_lock.release()
     return RepairResult(tuple(actions), False, before)
 
 

@@ -40,8 +40,12 @@ def _handle(order: dict[str, Any], attempt: int, ledger: Any) -> None:
 
 def worker(path: str) -> int:
     """Run a pool over the queue until it is empty (or until the demo kills us)."""
+    import logging
+
     import pqueue
 
+    # The summary counts the retries; the dead letter's error line is worth seeing as it happens.
+    logging.basicConfig(level=logging.ERROR, format="worker: %(message)s")
     q = pqueue.Queue(path)
     ledger = open(os.path.join(os.path.dirname(path), "handled.log"), "a")
 

@@ -84,7 +84,7 @@ def _unpack(data: Any) -> Any:
 
 # --------------------------------------------------------------------------- shared environments
 
-_envs: dict[str, tuple[lmdb.Environment, int]] = {}  # realpath -> (env, users)
+_envs: dict[str, tuple[lmdb.Environment, dict[str, Any], int]] = {}  # realpath -> (env, databases, users)
 _envs_lock = threading.Lock()  # guards _envs
 
 
@@ -94,7 +94,7 @@ def _forget_envs_after_fork() -> None:
     # inherited object in the child is safe: LMDB's fcntl locks belong to the parent process
     # (a child never inherits them), and close() only clears reader slots of the child's pid.
     global _envs_lock
-    inherited = [env for env, _users in _envs.values()]
+    inherited = [env for env, _dbs, _users in _envs.values()]
     _envs.clear()
     _envs_lock = threading.Lock()
     for env in inherited:
@@ -104,21 +104,41 @@ def _forget_envs_after_fork() -> None:
 os.register_at_fork(after_in_child=_forget_envs_after_fork)
 
 
-def _acquire_env(path: str, readonly: bool) -> lmdb.Environment:
+def _acquire_env(path: str, readonly: bool) -> tuple[lmdb.Environment, dict[str, Any]]:
+    """The process's environment for `path` and its named databases, opened once.
+
+    The databases are opened here, once per environment and under `_envs_lock`: py-lmdb's
+    open_db() begins a write transaction without releasing the GIL, so calling it while
+    another thread of this process holds a write transaction on the environment deadlocks
+    (seen with three threads creating one queue at once).
+    """
     key = os.path.realpath(path)
     with _envs_lock:
         entry = _envs.get(key)
         if entry is not None:
-            _envs[key] = (entry[0], entry[1] + 1)
-            return entry[0]
+            _envs[key] = (entry[0], entry[1], entry[2] + 1)
+            return entry[0], entry[1]
         # A read-only handle still takes LMDB's reader lock when it can write lock.mdb, so it
         # sees consistent snapshots of a live queue; on a read-only filesystem it cannot, and
         # reads without it (fine for a queue nobody is writing).
         lock = not readonly or os.access(os.path.join(path, "lock.mdb"), os.W_OK)
         env = lmdb.open(path, map_size=MAP_SIZE_BYTES, max_dbs=16, max_readers=MAX_READERS, subdir=True,
                         readonly=readonly, lock=lock, create=not readonly, mode=0o600)
-        _envs[key] = (env, 1)
-        return env
+        try:
+            dbs = _open_dbs(env, readonly)
+        except BaseException:
+            env.close()
+            raise
+        _envs[key] = (env, dbs, 1)
+        return env, dbs
+
+
+def _open_dbs(env: lmdb.Environment, readonly: bool) -> dict[str, Any]:
+    if not readonly:
+        return {name: env.open_db(name.encode()) for name in DATABASES}
+    with env.begin() as txn:
+        names = {bytes(k) for k, _ in txn.cursor()}
+    return {name: env.open_db(name.encode(), create=False) for name in DATABASES if name.encode() in names}
 
 
 def _release_env(path: str) -> None:
@@ -127,9 +147,9 @@ def _release_env(path: str) -> None:
         entry = _envs.get(key)
         if entry is None:
             return
-        env, users = entry
+        env, dbs, users = entry
         if users > 1:
-            _envs[key] = (env, users - 1)
+            _envs[key] = (env, dbs, users - 1)
             return
         del _envs[key]
     env.close()
@@ -234,13 +254,14 @@ class Index:
             # create it first, private, so the queue owner can use it.
             os.makedirs(self.env_path, mode=0o700, exist_ok=True)
         try:
-            self.env = _acquire_env(self.env_path, readonly)
+            self.env, self.db = _acquire_env(self.env_path, readonly)
         except lmdb.ReadonlyError as exc:
             raise ReadOnlyError(f"{self.env_path} is read-only; open the queue where it can write") from exc
         except lmdb.Error as exc:
             raise _translate(exc, self.env_path) from exc
+        except _DAMAGED_VALUE as exc:
+            raise _damaged(exc, self.env_path) from exc
         try:
-            self._open_dbs()
             self._check_format()
         except BaseException:
             _release_env(self.env_path)  # a later open must not find a half-opened environment
@@ -251,17 +272,6 @@ class Index:
             _fsync_dir(self.env_path)
             _fsync_dir(self.path)
         self._closed = False
-
-    def _open_dbs(self) -> None:
-        env = self.env
-        if self.readonly:
-            names = self.read(lambda txn: {bytes(k) for k, _ in txn.cursor()})
-            self.db: dict[str, Any] = {}
-            for name in DATABASES:
-                if name.encode() in names:
-                    self.db[name] = env.open_db(name.encode(), create=False)
-            return
-        self.db = {name: env.open_db(name.encode()) for name in DATABASES}
 
     def _check_format(self) -> None:
         meta = self.db.get("meta")

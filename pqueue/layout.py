@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 
 ID_FILE = "queue.id"
 # What a queue directory may hold; a directory with anything else is not ours.
-OWN_ENTRIES = {"log", "index", "write.lock", ID_FILE, "quarantine", "dlq"}
+REPAIR_LOCK = "repair.lock"  # held by `pqueue repair` (a coarse filelock, one repair at a time)
+OWN_ENTRIES = {"log", "index", "write.lock", ID_FILE, "quarantine", "dlq", REPAIR_LOCK}
 
 
 @dataclass(frozen=True)
