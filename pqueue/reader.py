@@ -144,7 +144,8 @@ class LogReader:
             if pos < SEGMENT_HEADER_BYTES:
                 path = os.path.join(self.log_dir, segment.segment_name(seg))
                 if os.lseek(fd, 0, os.SEEK_END) < SEGMENT_HEADER_BYTES:
-                    break  # being created right now
+                    self.drop(seg)  # being created right now: open it afresh next time
+                    break
                 try:
                     segment.read_header(fd, path)
                 except segment.RecordError:
@@ -185,6 +186,8 @@ class LogReader:
                 break
             if not rechecked:
                 rechecked = True
+                if not self._same_file(seg, fd):
+                    self.drop(seg)  # the name points at another file now: read that one
                 continue
             if end > pos:
                 reason = result.reason or "unsealed segment ends inside a record"
@@ -318,6 +321,13 @@ class LogReader:
                 return None
             start += RESYNC_WINDOW_BYTES // 2
         return None
+
+    def _same_file(self, seg: int, fd: int) -> bool:
+        """Whether the descriptor kept for `seg` is still the file its name points at."""
+        try:
+            return os.stat(self.segment_path(seg)).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            return True  # deleted: the caller moves on to the next segment anyway
 
     def close(self) -> None:
         with self._readers_lock:

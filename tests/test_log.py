@@ -186,3 +186,26 @@ def test_segment_with_newer_format_is_refused(qpath: Path) -> None:
             q.put(2)
     assert (info.value.found, info.value.supported) == (pqueue.FORMAT_VERSION + 1, pqueue.FORMAT_VERSION)
     assert "upgrade pqueue" in str(info.value)
+
+
+def test_segment_recreated_after_a_crash_mid_create(qpath: Path) -> None:
+    """A reader that saw a segment file without its header still reads the records put there later.
+
+    A writer killed between creating a segment file and writing its header leaves an empty
+    file; the next writer completes it. A reader that opened the empty file meanwhile must not
+    keep reading a stale descriptor (it lost 32 returned puts in a torture run).
+    """
+    from pqueue.record import encode_seal
+
+    with pqueue.Queue(qpath) as q:
+        q.put_many(["a", "b", "c"])
+    first = qpath / "log" / segments(qpath)[0]
+    with open(first, "ab") as f:
+        f.write(encode_seal(3, 0))  # the writer sealed segment 0 ...
+    (qpath / "log" / f"{3:020d}.seg").write_bytes(b"")  # ... and died right after creating the next
+    with pqueue.Queue(qpath) as reader, pqueue.Queue(qpath) as writer:
+        assert [reader.get(timeout=1).data for _ in range(3)] == ["a", "b", "c"]
+        with pytest.raises(pqueue.Empty):
+            reader.get(timeout=0.05)  # the reader has looked at the empty segment 3
+        assert writer.put("d") == 3  # the writer's recovery completes segment 3
+        assert reader.get(timeout=2).data == "d"
