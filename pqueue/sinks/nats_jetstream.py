@@ -6,10 +6,10 @@ the source's subject and skips what the stream holds; a re-send after a crash or
 falls inside the stream's ``duplicate_window`` (raise it above your longest outage; this sink
 creates streams with ``DUPLICATE_WINDOW_SECONDS``) and is dropped by the server.
 
-Order: a batch is published pipelined, in offset order, on one connection, so the stream
-stores it in order. Only if one publish fails while a later one of the same batch succeeds
-(a partial server error) does the re-sent record land after its successor: never lost, never
-twice, but out of order.
+Order: a batch is published in offset order, each record acknowledged before the next is
+sent, so a failed publish stops the batch there and nothing later can land before it. (A
+pipelined batch was faster but stored a record ahead of an earlier one whose publish failed
+when the server was killed mid-batch.)
 
 JetStream keeps what it acknowledged across an OS crash only with file storage and
 ``sync_interval: always`` (or replicas): the default syncs every 2 minutes.
@@ -164,7 +164,7 @@ class NatsJetStreamSink:
             raise TransientSinkError(f"nats {self.url}: {type(exc).__name__}: {exc}") from exc
 
     def send(self, batch: Sequence[OutRecord], timeout: float) -> SendResult:
-        """Publish the batch pipelined and wait for the acks of its prefix.
+        """Publish the batch in order, each record acknowledged before the next is sent.
 
         Raises:
             TransientSinkError: disconnected, timed out, or the first record failed.
@@ -187,13 +187,18 @@ class NatsJetStreamSink:
         deadline = loop.time() + timeout
         futures: list[asyncio.Future[Any]] = []
         try:
+            # One publish acknowledged before the next goes out: a pipelined batch whose early
+            # publish failed while a later one succeeded stored that later record first, out of
+            # offset order (tests/test_forward.py::test_nats_killed_and_restarted_nothing_lost).
             for rec in batch:
                 headers = dict(rec.headers)
                 headers["Nats-Msg-Id"] = f"{source.id}:{rec.offset}"
-                futures.append(await js.publish_async(self.subject, rec.payload, headers=headers,
-                                                      wait_stall=max(0.001, deadline - loop.time())))
-            if futures:
-                await asyncio.wait(futures, timeout=max(0.0, deadline - loop.time()))
+                fut = await js.publish_async(self.subject, rec.payload, headers=headers,
+                                             wait_stall=max(0.001, deadline - loop.time()))
+                futures.append(fut)
+                await asyncio.wait([fut], timeout=max(0.0, deadline - loop.time()))
+                if not fut.done() or fut.cancelled() or fut.exception() is not None:
+                    break
         finally:
             for fut in futures:
                 if not fut.done():
