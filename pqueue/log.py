@@ -625,8 +625,11 @@ class Log:
                 if not newer:
                     raise QueueError(f"{self.log_dir}: segment {seg} vanished and no newer segment exists; "
                                      f"was the log edited by hand? run `pqueue verify`") from None
-                if not self._open_existing(newer[0]):
-                    return
+                try:
+                    if not self._open_existing(newer[0]):
+                        return
+                except FileNotFoundError:
+                    continue  # retention deleted that one too meanwhile: list again
                 seg, pos, next_offset = newer[0], SEGMENT_HEADER_BYTES, max(next_offset, newer[0])
                 continue
             result = segment.walk(rfd, max(pos, SEGMENT_HEADER_BYTES), next_offset, self.max_record_bytes)
@@ -641,8 +644,11 @@ class Log:
                     self._close_active()
                     self._open_new_segment(nxt)
                     return
-                if not self._open_existing(later[0]):
-                    return
+                try:
+                    if not self._open_existing(later[0]):
+                        return
+                except FileNotFoundError:
+                    continue  # deleted between the listing and the open: look again from the seal
                 seg, pos, next_offset = later[0], SEGMENT_HEADER_BYTES, max(next_offset, later[0])
                 continue
             if result.stop == "end":
