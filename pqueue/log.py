@@ -157,9 +157,7 @@ class Log:
         """
         n = len(payload)
         if n > self.max_record_bytes:
-            raise RecordTooLargeError(
-                f"payload is {n} bytes, over max_record_bytes={self.max_record_bytes}; "
-                f"split it or open the queue with a larger max_record_bytes")
+            raise self._too_large(n)
         wlock = self._wlock
         wlock.acquire()
         try:
@@ -209,34 +207,19 @@ class Log:
             Full: over max_bytes with on_full="raise", or "block" ran out of time.
             and everything `append` raises.
         """
-        n = len(payload)
-        if n > self.max_record_bytes:
-            raise RecordTooLargeError(
-                f"payload is {n} bytes, over max_record_bytes={self.max_record_bytes}; "
-                f"split it or open the queue with a larger max_record_bytes")
-        self._acquire_room(RECORD_HEADER_BYTES + len(attrs) + n, timeout)
+        if len(payload) > self.max_record_bytes:
+            raise self._too_large(len(payload))
+        self._acquire_room(RECORD_HEADER_BYTES + len(attrs) + len(payload), timeout)
         try:
             offset = self._next
             if before is not None:
                 seen = before(offset, self._seg, self._pos)
                 if seen is not None:
                     return seen
-            data = encode_record(offset, _time_ns(), codec, attrs, payload)
-            try:
-                segment.write_all(self._fd, data)
-            except OSError as exc:
-                raise self._failed_write(exc) from exc
-            self._pos += len(data)
-            self._next = offset + 1
-            self._seq = seq = self._seq + 1
-            if self._pos >= self.segment_bytes:
-                self._roll(offset + 1)
+            seq = self._write_records(encode_record(offset, _time_ns(), codec, attrs, payload), 1)
         finally:
             self._wlock.release()
-        if seq >= self._sync_due_seq:
-            self._after_write(seq)
-        if self.waiters:
-            self._on_append()
+        self._after_append(seq)
         return offset
 
     def _acquire_room(self, need: int, timeout: float | None) -> None:
@@ -317,9 +300,7 @@ class Log:
         """
         for _codec, _attrs, payload in items:
             if len(payload) > self.max_record_bytes:
-                raise RecordTooLargeError(
-                    f"a payload is {len(payload)} bytes, over max_record_bytes={self.max_record_bytes}; "
-                    f"nothing was written")
+                raise self._too_large(len(payload))
         if not items:
             return []
         need = sum(RECORD_HEADER_BYTES + len(a) + len(p) for _c, a, p in items)
@@ -328,22 +309,38 @@ class Log:
             first = self._next
             now = time.time_ns()
             data = b"".join(encode_record(first + i, now, c, a, p) for i, (c, a, p) in enumerate(items))
-            try:
-                segment.write_all(self._fd, data)
-            except OSError as exc:
-                raise self._failed_write(exc) from exc
-            self._pos += len(data)
-            self._next = first + len(items)
-            self._seq = seq = self._seq + len(items)
-            if self._pos >= self.segment_bytes:
-                self._roll(self._next)
+            seq = self._write_records(data, len(items))
         finally:
             self._wlock.release()
+        self._after_append(seq)
+        return list(range(first, first + len(items)))
+
+    # `append` inlines these three steps (its hot path cannot afford the calls).
+
+    def _too_large(self, n: int) -> RecordTooLargeError:
+        return RecordTooLargeError(f"a payload is {n} bytes, over max_record_bytes={self.max_record_bytes}; "
+                                   f"nothing was written: split it or open the queue with a larger "
+                                   f"max_record_bytes")
+
+    def _write_records(self, data: bytes, count: int) -> int:
+        """Write `count` framed records at the end (caller holds _wlock and the flock); their last seq."""
+        try:
+            segment.write_all(self._fd, data)
+        except OSError as exc:
+            raise self._failed_write(exc) from exc
+        self._pos += len(data)
+        self._next += count
+        self._seq += count
+        if self._pos >= self.segment_bytes:
+            self._roll(self._next)
+        return self._seq
+
+    def _after_append(self, seq: int) -> None:
+        """Sync if the policy says so, then wake this process's blocked getters."""
         if seq >= self._sync_due_seq:
             self._after_write(seq)
         if self.waiters:
             self._on_append()
-        return list(range(first, first + len(items)))
 
     def _short_write(self, data: bytes) -> None:
         """A write() wrote part of `data` (the disk filled up, or a signal): finish or fail."""
