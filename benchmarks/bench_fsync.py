@@ -10,7 +10,6 @@ the records put during one window at the measured rate; of a record policy, N re
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
 from benchmarks import contenders
@@ -51,12 +50,9 @@ def main() -> None:
     args = parser.parse_args()
     res = run_fsync_sweep(messages=args.messages, size=args.size, rounds=args.rounds, warmup=args.warmup,
                           budget=args.budget)
-    from benchmarks.report import print_table
+    from benchmarks.report import emit
 
-    print_table(res)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
+    emit(res, args.json)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
 from benchmarks import contenders
@@ -82,12 +81,9 @@ def main() -> None:
     policies = contenders.PQUEUE_POLICIES if args.fsync == "all" else (args.fsync,)
     res = run_getack(contenders.names(pqueue_policies=policies), messages=args.messages, size=args.size,
                      rounds=args.rounds, warmup=args.warmup, budget=args.budget)
-    from benchmarks.report import print_table
+    from benchmarks.report import emit
 
-    print_table(res)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
+    emit(res, args.json)
 
 
 if __name__ == "__main__":

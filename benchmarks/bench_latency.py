@@ -11,7 +11,6 @@ thread of the consumer's process. Peers without a blocking get are polled every 
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import threading
 import time
@@ -170,12 +169,9 @@ def main() -> None:
     policies = contenders.PQUEUE_POLICIES if args.fsync == "all" else (args.fsync,)
     res = run_latency(contenders.names(pqueue_policies=policies), messages=args.messages, size=args.size,
                       mode=args.mode, rounds=args.rounds, warmup=args.warmup)
-    from benchmarks.report import print_table
+    from benchmarks.report import emit
 
-    print_table(res)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
+    emit(res, args.json)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import threading
 from typing import Any
@@ -145,12 +144,9 @@ def main() -> None:
         res = run_put(names, messages=args.messages, size=args.size, threads=args.producers,
                       procs=args.producers if args.processes else 0, rounds=args.rounds, warmup=args.warmup,
                       budget=args.budget)
-    from benchmarks.report import print_table
+    from benchmarks.report import emit
 
-    print_table(res)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
+    emit(res, args.json)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
@@ -63,6 +64,14 @@ def print_table(res: dict[str, Any]) -> None:
     print(latency_table(res) if res.get("key", "msgs_s").endswith("_us") else throughput_table(res))
     print()
 
+
+
+def emit(res: dict[str, Any], json_path: str | None) -> None:
+    """What a scenario module run on its own prints, and the JSON it writes with --json."""
+    print_table(res)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(res, f, indent=1)
 
 def recovery_table(res: dict[str, Any]) -> str:
     if not any(res["series"].values()):
