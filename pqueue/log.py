@@ -11,9 +11,11 @@ scan of the new bytes (following SEAL trailers into newer segments).
 Fsync policies (``FsyncPolicy``):
 
 * ``always``: `append` returns only after an fdatasync covering its record. Concurrent
-  appenders share one fsync (group commit): a leader syncs while the others wait; before it
-  syncs, the leader yields as long as new writes keep arriving (at most 200 µs) so the threads
-  released by the previous sync are covered by this one.
+  appenders share one write and one fsync (group commit): each queues its record, the first
+  becomes the leader, writes every queued record with one ``write()`` and syncs; the others
+  sleep until it wakes them. Before writing, the leader yields until as many appenders have
+  queued as the previous group had (at most 200 µs), so the threads its predecessor released
+  share this sync instead of waiting for the next one (notes/hotpath.md goal 2).
 * interval (default, 100 ms): a background thread fsyncs within ``interval`` seconds of the
   first unsynced write; with a record bound (``"50ms/1000"``) an append that leaves ``every``
   records unsynced syncs at once itself, so the bound is strict.
@@ -29,6 +31,7 @@ never reused.
 
 from __future__ import annotations
 
+import copy
 import errno
 import fcntl
 import logging
@@ -65,6 +68,20 @@ LOCK_FILE_BYTES = 8  # write.lock: byte 0 is the "a writer is waiting" flag
 
 def _is_space_error(exc: OSError) -> bool:
     return exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+class _Waiter:
+    """A thread in the group commit: its record to write (or None) and how it ended."""
+
+    __slots__ = ("record", "seq", "wake", "done", "offset", "error")
+
+    def __init__(self, record: tuple[int, bytes, bytes] | None, seq: int) -> None:
+        self.record = record  # (codec, attrs, payload), written by the leader; None: sync only
+        self.seq = seq  # the write a sync must cover (sync-only waiters)
+        self.wake: threading.Lock | None = None  # a follower sleeps on it until the leader releases it
+        self.done = False  # False after waking: promoted to lead the next group
+        self.offset = -1
+        self.error: BaseException | None = None
 
 
 class Log:
@@ -108,9 +125,12 @@ class Log:
         self.reader = LogReader(path, max_record_bytes=max_record_bytes, load_recovery_point=load_recovery_point,
                                 min_next_offset=min_next_offset, writer_end=self._writer_end)
         self._init_writer_state()
+        if fsync.mode == "always":
+            # Every put joins the group commit; the plain `append` stays free of that branch.
+            self.append = self._append_grouped  # type: ignore[method-assign]
 
     def _init_writer_state(self) -> None:
-        # _wlock guards every field below up to _sync_cond; it is held only for a write
+        # _wlock guards every field below up to _commit_mu; it is held only for a write
         # (never across an fsync, so other threads can write while the leader syncs).
         self._wlock = threading.Lock()
         self._lock_fd = -1
@@ -132,13 +152,20 @@ class Log:
         self._rp_pending: RecoveryPoint | None = None  # last durable end, not yet persisted
         self._rp_saved: RecoveryPoint | None = None
         self._rp_due = 0.0
-        # _sync_cond guards _synced_seq, _syncing and _sync_error; taken without _wlock held.
-        self._sync_cond = threading.Condition(threading.Lock())
+        # _commit_mu guards the fields below; it may be taken with _wlock held, never the reverse.
+        self._commit_mu = threading.Lock()
         self._synced_seq = 0
         self._sync_due_seq = 0  # an append that reaches this sequence syncs before returning
         self._set_synced(0)
-        self._syncing = False
-        self._sync_error: tuple[int, BaseException] | None = None
+        self._leading = False  # a group-commit leader is writing or syncing
+        self._queued: list[_Waiter] = []  # waiters for the next group, in arrival order
+        self._group_size = 1  # waiters in the last group: how many the next leader waits for
+        self._gather_want = 0  # a leader sleeps on _gathered until this many have queued
+        self._gathered = threading.Lock()  # held except when the awaited arrival releases it
+        self._gathered.acquire()
+        # The last failed fsync: (durable sequence then, sequence it should have covered, error).
+        # Appends in between may be lost; their waiters fail even if a later sync succeeds.
+        self._sync_error: tuple[int, int, BaseException] | None = None
         self._thread: threading.Thread | None = None
         self._wake = threading.Event()
         self._closed = False
@@ -181,7 +208,7 @@ class Log:
         finally:
             wlock.release()
         if seq >= self._sync_due_seq:
-            self._after_write(seq)
+            self._commit(seq)
         if self.waiters:
             self._on_append()
         return offset
@@ -338,7 +365,7 @@ class Log:
     def _after_append(self, seq: int) -> None:
         """Sync if the policy says so, then wake this process's blocked getters."""
         if seq >= self._sync_due_seq:
-            self._after_write(seq)
+            self._commit(seq)
         if self.waiters:
             self._on_append()
 
@@ -376,12 +403,8 @@ class Log:
             return ReadOnlyError(f"{self.log_dir} is on a read-only filesystem; remount it read-write")
         return QueueError(f"{self.log_dir}: append failed: {exc}; the partial record was rolled back")
 
-    def _after_write(self, seq: int) -> None:
-        """Sync now: fsync="always", or an interval policy's record bound was reached."""
-        self._commit(seq)
-
     def _set_synced(self, seq: int) -> None:
-        """Record that everything up to `seq` is durable (caller holds _sync_cond)."""
+        """Record that everything up to `seq` is durable (caller holds _commit_mu)."""
         if seq > self._synced_seq:
             self._synced_seq = seq
         mode = self.fsync.mode
@@ -394,60 +417,177 @@ class Log:
 
     # ------------------------------------------------------------------ group commit
 
+    def _append_grouped(self, codec: int, attrs: bytes, payload: bytes) -> int:
+        """`append` under fsync="always": the record is written and synced by a group commit."""
+        n = len(payload)
+        if n > self.max_record_bytes:
+            raise self._too_large(n)
+        me = _Waiter((codec, attrs, payload), 0)
+        self._join_group(me)
+        if self.waiters:
+            self._on_append()
+        return me.offset
+
     def _commit(self, seq: int) -> None:
         """Return once an fdatasync that started after write `seq` returned has succeeded."""
-        cond = self._sync_cond
-        with cond:
-            while self._synced_seq < seq:
-                if self._sync_error is not None and self._sync_error[0] >= seq:
-                    raise QueueError(f"{self.log_dir}: fsync failed, the record may not be durable: "
-                                     f"{self._sync_error[1]}") from self._sync_error[1]
-                if not self._syncing:
-                    self._syncing = True
-                    break
-                cond.wait()
-            else:
+        with self._commit_mu:
+            failed = self._sync_error
+            if failed is not None and failed[0] < seq <= failed[1]:
+                raise self._fsync_failed(failed[2])
+            if self._synced_seq >= seq:
                 return
-        target = 0
-        error: BaseException | None = None
+        self._join_group(_Waiter(None, seq))
+
+    def _fsync_failed(self, cause: BaseException | None) -> QueueError:
+        error = QueueError(f"{self.log_dir}: fsync failed, the record may not be durable: "
+                           f"{cause or 'the syncing thread was interrupted'}")
+        error.__cause__ = cause
+        return error
+
+    def _join_group(self, me: _Waiter) -> None:
+        """Queue `me` for the next group commit, lead that group if nobody leads; raise its error."""
+        mu = self._commit_mu
+        mu.acquire()
+        self._queued.append(me)
+        if self._leading:
+            if self._gather_want and len(self._queued) >= self._gather_want:
+                self._gather_want = 0
+                self._gathered.release()
+            wake = me.wake = threading.Lock()
+            wake.acquire()
+            mu.release()
+            wake.acquire()  # released when the leader is done with `me`, or to make it lead
+        else:
+            self._leading = True
+            mu.release()
+        if not me.done:
+            self._lead_group(me)
+        if me.error is not None:
+            raise me.error
+
+    def _lead_group(self, me: _Waiter) -> None:
+        """Write and sync everything queued, wake the group, pass the lead to the next arrival."""
+        group: list[_Waiter] = []
+        write_error: Exception | None = None
+        sync_error: BaseException | None = None
+        target = -1  # stays -1 if something unforeseen escapes: the group then fails
         try:
-            self._gather()
-            target, error = self._sync_active()
+            self._gather_group()
+            with self._commit_mu:
+                group, self._queued = self._queued, []
+            records = [w for w in group if w.record is not None]
+            synced = None
+            if records:
+                try:
+                    synced = self._write_group(records)
+                except Exception as exc:  # the group's writers get it; sync-only waiters still sync
+                    write_error = exc
+            if synced is not None:
+                target, sync_error = self._fdatasync(*synced)
+            elif max(w.seq for w in group) > self._synced_seq:
+                target, sync_error = self._sync_active()
+            else:
+                target = self._synced_seq
         finally:
-            with cond:
-                self._syncing = False
-                if error is None:
-                    self._set_synced(target)
-                else:
-                    self._sync_error = (target, error)
-                cond.notify_all()
-        if error is not None and target >= seq:
-            raise QueueError(f"{self.log_dir}: fsync failed, the record may not be durable: {error}") from error
+            self._end_group(me, group, target, write_error, sync_error)
 
-    def _gather(self) -> None:
-        """Let the writers released by the last sync write before this one starts.
+    def _end_group(self, me: _Waiter, group: list[_Waiter], target: int, write_error: Exception | None,
+                   sync_error: BaseException | None) -> None:
+        """Publish what the group's sync covered, wake its waiters, hand the lead on."""
+        with self._commit_mu:
+            if sync_error is not None:
+                self._sync_error = (self._synced_seq, target, sync_error)
+            elif target >= 0:
+                self._set_synced(target)
+            failed = self._sync_error
+            self._group_size = len(group)
+            successor = self._queued[0] if self._queued else None
+            if successor is None:
+                self._leading = False
+        for w in group:
+            if w.record is not None and write_error is not None:
+                # One exception object raised in several threads would mix their tracebacks.
+                w.error = copy.copy(write_error)
+                w.error.__cause__ = write_error.__cause__
+            elif sync_error is not None or target < 0:
+                w.error = self._fsync_failed(sync_error)
+            elif failed is not None and failed[0] < w.seq <= failed[1]:
+                w.error = self._fsync_failed(failed[2])  # a roll's fsync of the old segment failed
+            w.done = True
+            if w is not me:
+                assert w.wake is not None
+                w.wake.release()
+        if successor is not None:
+            assert successor.wake is not None
+            successor.wake.release()
 
-        Without this, each sync covers only about half the waiting writers (the others write
-        during it and wait for the next), capping 8 threads near 4x (notes/hotpath.md goal 2).
-        sched_yield releases the GIL without the 60+ µs overshoot of time.sleep.
+    def _gather_group(self) -> None:
+        """Wait (at most GATHER_SECONDS) until as many have queued as the last group had.
+
+        The threads the previous leader released are on their way back; without this wait a
+        sync would cover only about half of them (the rest queue during it and wait for the
+        next), capping 8 threads near 4x one (notes/hotpath.md goal 2). The leader sleeps on
+        a lock the arrival that completes the group releases: polling would take the GIL from
+        the very threads it waits for.
         """
-        deadline = time.perf_counter() + GATHER_SECONDS
-        last = self._seq
-        while True:
-            os.sched_yield()
-            now_seq = self._seq
-            if now_seq == last or time.perf_counter() > deadline:
+        mu = self._commit_mu
+        with mu:
+            if len(self._queued) >= self._group_size:
                 return
-            last = now_seq
+            self._gather_want = self._group_size
+        self._gathered.acquire(timeout=GATHER_SECONDS)
+        with mu:
+            if self._gather_want:
+                self._gather_want = 0  # timed out: nobody will release it now
+            else:
+                self._gathered.acquire(blocking=False)  # released: hold it for the next leader
+
+    def _write_group(self, group: list[_Waiter]) -> tuple[int, int]:
+        """Write the records of `group` with one write() in queue order and give them offsets.
+
+        Returns the descriptor and sequence for `_fdatasync` (counted as a user of the fd).
+        """
+        with self._wlock:
+            if not self._have_flock:
+                self._take_flock()
+            offset = self._next
+            seq = self._seq
+            now = _time_ns()
+            parts = []
+            for w in group:
+                codec, attrs, payload = w.record  # type: ignore[misc]
+                body = _pack_body(len(payload), offset, now, 0, codec, len(attrs)) + attrs + payload
+                parts.append(_pack_crc(crc32c(body)) + body)
+                w.offset = offset
+                offset += 1
+                w.seq = seq = seq + 1
+            try:
+                self._write_records(b"".join(parts), len(group))
+            except BaseException:
+                for w in group:
+                    w.offset = -1
+                raise
+            if self._waiter_map is not None and self._waiter_map[0]:
+                self._hand_over()
+            return self._use_active_fd()
 
     def _sync_active(self) -> tuple[int, BaseException | None]:
         """fdatasync the active segment; return (the sequence it covers, the error or None)."""
         with self._wlock:
-            fd, target = self._fd, self._seq
-            if fd < 0:
-                return target, None
+            fd, target = self._use_active_fd()
+        return self._fdatasync(fd, target)
+
+    def _use_active_fd(self) -> tuple[int, int]:
+        """The active fd and the sequence a sync of it now covers (caller holds _wlock)."""
+        if self._fd >= 0:
             self._fd_users += 1
             self._unsynced_since = 0.0
+        return self._fd, self._seq
+
+    def _fdatasync(self, fd: int, target: int) -> tuple[int, BaseException | None]:
+        """fdatasync `fd` (from `_use_active_fd`); return (`target`, the error or None)."""
+        if fd < 0:
+            return target, None
         try:
             os.fdatasync(fd)
         except OSError as exc:
@@ -691,12 +831,17 @@ class Log:
         segment, and recovery creates the next one from the seal.
         """
         old_fd = self._fd
+        sealed = False
         try:
             segment.write_all(old_fd, encode_seal(next_base, time.time_ns()))
             os.fsync(old_fd)
+            sealed = True
         except OSError as exc:
             # The old segment stays unsealed; readers move on when they see a newer segment.
+            # Its unsynced appends may be lost (fsyncgate): their syncs must fail, not succeed.
             log.error("%s: could not seal segment %d: %s", self.log_dir, self._seg, exc)
+            with self._commit_mu:
+                self._sync_error = (self._synced_seq, self._seq, exc)
         self._close_active()
         try:
             self._open_new_segment(next_base)
@@ -707,8 +852,9 @@ class Log:
                       next_base, exc)
             self._mark_broken()
             return
-        with self._sync_cond:
-            self._set_synced(self._seq)
+        if sealed:
+            with self._commit_mu:
+                self._set_synced(self._seq)
         self._unsynced_since = 0.0
         self._rp_pending = (self._seg, self._pos, self._next)
         self._rp_due = 0.0

@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -185,6 +186,32 @@ def plfs_run(base: Path, **mount_kwargs: Any) -> Iterator[Run]:
 # ============================================================================ the child
 
 
+def _put_range(q: Any, note: Callable[..., None], ids: range, delay: float = 0.0,
+               stop_after_failures: int | None = None) -> int:
+    """Put payload(i) for each i in `ids`, noting each returned or failed put in the ledger.
+
+    Returns the id after the last one tried.
+    """
+    import pqueue
+
+    failures = 0
+    tried = ids.start
+    for i in ids:
+        tried = i + 1
+        try:
+            off = q.put(payload(i))
+        except pqueue.QueueError as exc:
+            note(put_failed=i, error=type(exc).__name__, err=str(exc)[:300])
+            failures += 1
+            if stop_after_failures is not None and failures > stop_after_failures:
+                break
+            continue
+        note(put=i, off=off, t=time.monotonic())
+        if delay:
+            time.sleep(delay)
+    return tried
+
+
 def _child(qpath: str, ledger: str, mnt: str, steps: list[Any]) -> None:
     import pqueue
 
@@ -210,21 +237,19 @@ def _child(qpath: str, ledger: str, mnt: str, steps: list[Any]) -> None:
             assert q is not None
             n = int(args[0]) if kind == "put" else 1 << 40
             delay = float(args[1]) if len(args) > 1 else 0.0
-            failures = 0
-            for _ in range(n):
-                i = seq
-                seq += 1
-                try:
-                    off = q.put(payload(i))
-                except pqueue.QueueError as exc:
-                    note(put_failed=i, error=type(exc).__name__, err=str(exc)[:300])
-                    failures += 1
-                    if kind == "put_loop" and failures > 3:
-                        break
-                    continue
-                note(put=i, off=off, t=time.monotonic())
-                if delay:
-                    time.sleep(delay)
+            seq = _put_range(q, note, range(seq, seq + n), delay,
+                             stop_after_failures=3 if kind == "put_loop" else None)
+        elif kind == "put_threads":  # threads, puts each: concurrent puts (group commit)
+            assert q is not None
+            threads, each = int(args[0]), int(args[1])
+            workers = [threading.Thread(target=_put_range, args=(q, note, range(seq + t * each, seq + (t + 1) * each)))
+                       for t in range(threads)]
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join()
+            seq += threads * each
+            note(threads_done=True)
         elif kind == "consume":
             assert q is not None
             for _ in range(int(args[0])):

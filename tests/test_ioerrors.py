@@ -114,6 +114,30 @@ def test_fsync_error_fails_put_and_survives_power_loss(tmp_path: Path, err: str)
     assert any(b > 0 for b in bases) and max(b for b in bases if b <= failed_at) > 0, (bases, failed_at)
 
 
+@pytest.mark.parametrize("fault", ["fsync EIO", "write ENOSPC", "write EIO"])
+def test_group_commit_fault_fails_only_its_group(tmp_path: Path, fault: str) -> None:
+    """8 threads share group commits (fsync="always") and one group's write or fsync fails:
+    exactly the puts of that group raise (each its own error, the right type), the other
+    threads carry on, and after a power cut that drops what the failed fsync should have
+    written every returned put is there and nothing corrupt is."""
+    op, err = fault.split()
+    entries, disk_q = _run(tmp_path, [
+        ["open", {"fsync": "always"}], ["put", 5], ["ctl", f"fail {op} {err} 1 6 .seg"],
+        ["put_threads", 8, 25]], crash="drop")
+    assert any("threads_done" in e for e in entries), entries
+    failures = _failures(entries)
+    returned = returned_puts(entries)
+    assert failures, "the injected fault failed no put"
+    assert len(failures) <= 8, "more puts failed than one group holds"
+    assert len(returned) + len(failures) == 5 + 8 * 25
+    expected = "DiskFullError" if err == "ENOSPC" else "QueueError"
+    assert {f["error"] for f in failures} == {expected}, failures
+    seen = _check_disk(disk_q, entries)
+    if op == "write":  # a failed group write is cut off: none of its records exists
+        assert not {f["put_failed"] for f in failures} & set(seen.values())
+    assert pqueue.inspect.verify(disk_q).ok
+
+
 def test_fsync_error_interval_mode(tmp_path: Path) -> None:
     """An interval-mode background fsync fails: the records it covered may be lost at the next
     power cut, but nothing corrupt is ever delivered and the queue keeps working."""
