@@ -98,7 +98,9 @@ def main() -> None:
         parser.error(f"unknown scenarios {sorted(unknown)}; choose from {', '.join(plan)}")
     info = machine.describe()
     stamp = datetime.datetime.now().strftime("%Y-%m-%d")
-    stem = os.path.join(args.out, f"{stamp}-{info['host']}-{mode}")
+    # A partial run is named by its scenarios, so it never overwrites the day's whole run.
+    label = "-".join(chosen) if args.only else mode
+    stem = os.path.join(args.out, f"{stamp}-{info['host']}-{label}")
     results: dict[str, Any] = {"mode": mode, "machine": info, "params": MODES[mode], "scenarios": {},
                                "seconds": {}}
     t_all = time.monotonic()
