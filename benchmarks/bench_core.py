@@ -111,10 +111,17 @@ def goal_put_always(rounds: int, slice_n: int, slices: int) -> dict[str, Any]:
     return _ratios(per_round, "pqueue", ("raw_fdatasync",))
 
 
-def _threads_rate(q: pqueue.Queue, threads: int, seconds: float) -> float:
+def _threads_rate(q: pqueue.Queue, threads: int, seconds: float) -> tuple[float, float]:
+    """puts/s of `threads` threads putting in a loop, and how many puts shared each fdatasync."""
     counts = [0] * threads
+    syncs = [0]
     stop = threading.Event()
     go = threading.Barrier(threads + 1)
+    real_fdatasync = os.fdatasync
+
+    def counting_fdatasync(fd: int) -> None:
+        syncs[0] += 1
+        real_fdatasync(fd)
 
     def worker(k: int) -> None:
         put, item, n = q.put, make_item(k, 100), 0
@@ -127,26 +134,35 @@ def _threads_rate(q: pqueue.Queue, threads: int, seconds: float) -> float:
     ts = [threading.Thread(target=worker, args=(k,)) for k in range(threads)]
     for t in ts:
         t.start()
-    go.wait()
-    t0 = perf_ns()
-    time.sleep(seconds)
-    stop.set()
-    for t in ts:
-        t.join()
-    return sum(counts) / ((perf_ns() - t0) / 1e9)
+    os.fdatasync = counting_fdatasync  # counts only: the log calls os.fdatasync through the module
+    try:
+        go.wait()
+        t0 = perf_ns()
+        time.sleep(seconds)
+        stop.set()
+        for t in ts:
+            t.join()
+    finally:
+        os.fdatasync = real_fdatasync
+    return sum(counts) / ((perf_ns() - t0) / 1e9), sum(counts) / max(1, syncs[0])
 
 
 def goal_group_commit(rounds: int, seconds: float, threads: int = 8) -> dict[str, Any]:
     per_round = []
+    per_sync: dict[str, list[float]] = {"1_threads": [], f"{threads}_threads": []}
     for r in range(rounds):
         with scratch("core-group") as d:
             q = pqueue.Queue(d, fsync="always")
             q.put(make_item(0, 100))
-            order = [1, threads] if r % 2 == 0 else [threads, 1]
-            rates = {f"{n}_threads": _threads_rate(q, n, seconds) for n in order}
+            rates = {}
+            for n in ([1, threads] if r % 2 == 0 else [threads, 1]):
+                rates[f"{n}_threads"], puts_per_sync = _threads_rate(q, n, seconds)
+                per_sync[f"{n}_threads"].append(puts_per_sync)
             q.close()
         per_round.append(rates)
-    return _ratios(per_round, f"{threads}_threads", ("1_threads",))
+    out = _ratios(per_round, f"{threads}_threads", ("1_threads",))
+    out["puts_per_fdatasync"] = {k: median(v) for k, v in per_sync.items()}
+    return out
 
 
 def goal_get_ack(rounds: int, backlog: int) -> dict[str, Any]:

@@ -104,6 +104,13 @@ def peer_recovery_table(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _puts_per_sync(group: dict[str, Any]) -> str:
+    per_sync = group.get("puts_per_fdatasync")  # absent from runs before it was measured
+    if not per_sync:
+        return ""
+    return f" ({per_sync['8_threads']:.2f} puts per fdatasync with 8 threads, {per_sync['1_threads']:.2f} with one)"
+
+
 def core_text(res: dict[str, Any]) -> str:
     """Issue 3's goals: one line each with the paired ratio, then the detail and the profile."""
     lines = ["**Storage core (issue 3)** — 100 B body, medians of per-round ratios "
@@ -123,7 +130,8 @@ def core_text(res: dict[str, Any]) -> str:
     lines += ["", f"Rates (medians): put never {r['pqueue']:,.0f}/s, raw packb {r['raw_packb']:,.0f}/s, raw Packer "
                   f"{r['raw_packer']:,.0f}/s; put always {a['pqueue']:,.0f}/s, raw write+fdatasync "
                   f"{a['raw_fdatasync']:,.0f}/s; always 1 thread {gc['1_threads']:,.0f}/s, 8 threads "
-                  f"{gc['8_threads']:,.0f}/s.", "", recovery_table(res["recovery"]), "",
+                  f"{gc['8_threads']:,.0f}/s{_puts_per_sync(res['group_commit'])}.", "",
+              recovery_table(res["recovery"]), "",
               f"cProfile of {res['profile']['puts']:,} puts (fsync never): {res['profile']['us_per_put']:.2f} µs "
               "per put under the profiler", "", "| function | calls | own time | share |", "|---|---:|---:|---:|"]
     for row in res["profile"]["top"][:8]:
