@@ -11,11 +11,7 @@ scan of the new bytes (following SEAL trailers into newer segments).
 Fsync policies (``FsyncPolicy``):
 
 * ``always``: `append` returns only after an fdatasync covering its record. Concurrent
-  appenders share one write and one fsync (group commit): each queues its record, the first
-  becomes the leader, writes every queued record with one ``write()`` and syncs; the others
-  sleep until it wakes them. Before writing, the leader yields until as many appenders have
-  queued as the previous group had (at most 200 µs), so the threads its predecessor released
-  share this sync instead of waiting for the next one (notes/hotpath.md goal 2).
+  appenders share one write and one fsync (group commit, `commit.py`).
 * interval (default, 100 ms): a background thread fsyncs within ``interval`` seconds of the
   first unsynced write; with a record bound (``"50ms/1000"``) an append that leaves ``every``
   records unsynced syncs at once itself, so the bound is strict.
@@ -31,7 +27,6 @@ never reused.
 
 from __future__ import annotations
 
-import copy
 import errno
 import fcntl
 import logging
@@ -45,6 +40,7 @@ from collections.abc import Callable
 from crc32c import crc32c
 
 from . import segment
+from .commit import GroupCommit, Waiter
 from .errors import DiskFullError, Full, QueueError, ReadOnlyError, RecordTooLargeError
 from .policy import FsyncPolicy
 from .reader import LogReader, RecoveryPoint
@@ -60,7 +56,6 @@ HANDOFF_CHECK_PUTS = 64  # look at the waiter byte every 64 appends (costs one m
 HANDOFF_BACKOFF_SECONDS = 0.0002  # after handing the lock over, let the waiter take it first
 WAITER_POLL_SECONDS = 0.0001  # a waiting writer polls the lock this often ...
 WAITER_POLL_LIMIT_SECONDS = 0.05  # ... for at most 50 ms, then blocks in flock()
-GATHER_SECONDS = 0.0002  # group-commit leader waits at most 200 µs for more writers
 RECOVERY_POINT_SECONDS = 1.0  # persist the recovery point at most once a second
 FULL_POLL_SECONDS = 0.01  # a put blocked by max_bytes looks for room this often
 LOCK_FILE_BYTES = 8  # write.lock: byte 0 is the "a writer is waiting" flag
@@ -68,20 +63,6 @@ LOCK_FILE_BYTES = 8  # write.lock: byte 0 is the "a writer is waiting" flag
 
 def _is_space_error(exc: OSError) -> bool:
     return exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-
-
-class _Waiter:
-    """A thread in the group commit: its record to write (or None) and how it ended."""
-
-    __slots__ = ("record", "seq", "wake", "done", "offset", "error")
-
-    def __init__(self, record: tuple[int, bytes, bytes] | None, seq: int) -> None:
-        self.record = record  # (codec, attrs, payload), written by the leader; None: sync only
-        self.seq = seq  # the write a sync must cover (sync-only waiters)
-        self.wake: threading.Lock | None = None  # a follower sleeps on it until the leader releases it
-        self.done = False  # False after waking: promoted to lead the next group
-        self.offset = -1
-        self.error: BaseException | None = None
 
 
 class Log:
@@ -130,7 +111,7 @@ class Log:
             self.append = self._append_grouped  # type: ignore[method-assign]
 
     def _init_writer_state(self) -> None:
-        # _wlock guards every field below up to _commit_mu; it is held only for a write
+        # _wlock guards every field below up to _rp_due; it is held only for a write
         # (never across an fsync, so other threads can write while the leader syncs).
         self._wlock = threading.Lock()
         self._lock_fd = -1
@@ -152,20 +133,11 @@ class Log:
         self._rp_pending: RecoveryPoint | None = None  # last durable end, not yet persisted
         self._rp_saved: RecoveryPoint | None = None
         self._rp_due = 0.0
-        # _commit_mu guards the fields below; it may be taken with _wlock held, never the reverse.
-        self._commit_mu = threading.Lock()
-        self._synced_seq = 0
-        self._sync_due_seq = 0  # an append that reaches this sequence syncs before returning
-        self._set_synced(0)
-        self._leading = False  # a group-commit leader is writing or syncing
-        self._queued: list[_Waiter] = []  # waiters for the next group, in arrival order
-        self._group_size = 1  # waiters in the last group: how many the next leader waits for
-        self._gather_want = 0  # a leader sleeps on _gathered until this many have queued
-        self._gathered = threading.Lock()  # held except when the awaited arrival releases it
-        self._gathered.acquire()
-        # The last failed fsync: (durable sequence then, sequence it should have covered, error).
-        # Appends in between may be lost; their waiters fail even if a later sync succeeds.
-        self._sync_error: tuple[int, int, BaseException] | None = None
+        # An append that reaches this sequence syncs before returning: moved by _group as
+        # syncs complete, read without a lock by the hot path (a stale value only syncs early).
+        self._sync_due_seq = 0
+        self._group = GroupCommit(self.log_dir, write_group=self._write_group, capture=self._capture_active,
+                                  fdatasync=self._fdatasync, on_synced=self._on_synced)
         self._thread: threading.Thread | None = None
         self._wake = threading.Event()
         self._closed = False
@@ -403,15 +375,13 @@ class Log:
             return ReadOnlyError(f"{self.log_dir} is on a read-only filesystem; remount it read-write")
         return QueueError(f"{self.log_dir}: append failed: {exc}; the partial record was rolled back")
 
-    def _set_synced(self, seq: int) -> None:
-        """Record that everything up to `seq` is durable (caller holds _commit_mu)."""
-        if seq > self._synced_seq:
-            self._synced_seq = seq
+    def _on_synced(self, synced: int) -> None:
+        """Everything up to `synced` is durable: move the point where an append must sync."""
         mode = self.fsync.mode
         if mode == "always":
-            self._sync_due_seq = self._synced_seq + 1
+            self._sync_due_seq = synced + 1
         elif mode == "interval" and self.fsync.every:
-            self._sync_due_seq = self._synced_seq + self.fsync.every
+            self._sync_due_seq = synced + self.fsync.every
         else:
             self._sync_due_seq = 1 << 62
 
@@ -422,127 +392,16 @@ class Log:
         n = len(payload)
         if n > self.max_record_bytes:
             raise self._too_large(n)
-        me = _Waiter((codec, attrs, payload), 0)
-        self._join_group(me)
+        offset = self._group.append((codec, attrs, payload))
         if self.waiters:
             self._on_append()
-        return me.offset
+        return offset
 
     def _commit(self, seq: int) -> None:
-        """Return once an fdatasync that started after write `seq` returned has succeeded."""
-        with self._commit_mu:
-            failed = self._sync_error
-            if failed is not None and failed[0] < seq <= failed[1]:
-                raise self._fsync_failed(failed[2])
-            if self._synced_seq >= seq:
-                return
-        self._join_group(_Waiter(None, seq))
+        """Return once an fdatasync that started after append `seq` was written has succeeded."""
+        self._group.wait(seq)
 
-    def _fsync_failed(self, cause: BaseException | None) -> QueueError:
-        error = QueueError(f"{self.log_dir}: fsync failed, the record may not be durable: "
-                           f"{cause or 'the syncing thread was interrupted'}")
-        error.__cause__ = cause
-        return error
-
-    def _join_group(self, me: _Waiter) -> None:
-        """Queue `me` for the next group commit, lead that group if nobody leads; raise its error."""
-        mu = self._commit_mu
-        mu.acquire()
-        self._queued.append(me)
-        if self._leading:
-            if self._gather_want and len(self._queued) >= self._gather_want:
-                self._gather_want = 0
-                self._gathered.release()
-            wake = me.wake = threading.Lock()
-            wake.acquire()
-            mu.release()
-            wake.acquire()  # released when the leader is done with `me`, or to make it lead
-        else:
-            self._leading = True
-            mu.release()
-        if not me.done:
-            self._lead_group(me)
-        if me.error is not None:
-            raise me.error
-
-    def _lead_group(self, me: _Waiter) -> None:
-        """Write and sync everything queued, wake the group, pass the lead to the next arrival."""
-        group: list[_Waiter] = []
-        write_error: Exception | None = None
-        sync_error: BaseException | None = None
-        target = -1  # stays -1 if something unforeseen escapes: the group then fails
-        try:
-            self._gather_group()
-            with self._commit_mu:
-                group, self._queued = self._queued, []
-            records = [w for w in group if w.record is not None]
-            synced = None
-            if records:
-                try:
-                    synced = self._write_group(records)
-                except Exception as exc:  # the group's writers get it; sync-only waiters still sync
-                    write_error = exc
-            if synced is not None:
-                target, sync_error = self._fdatasync(*synced)
-            elif max(w.seq for w in group) > self._synced_seq:
-                target, sync_error = self._sync_active()
-            else:
-                target = self._synced_seq
-        finally:
-            self._end_group(me, group, target, write_error, sync_error)
-
-    def _end_group(self, me: _Waiter, group: list[_Waiter], target: int, write_error: Exception | None,
-                   sync_error: BaseException | None) -> None:
-        """Publish what the group's sync covered, wake its waiters, hand the lead on."""
-        with self._commit_mu:
-            if sync_error is not None:
-                self._sync_error = (self._synced_seq, target, sync_error)
-            elif target >= 0:
-                self._set_synced(target)
-            failed = self._sync_error
-            self._group_size = len(group)
-            successor = self._queued[0] if self._queued else None
-            if successor is None:
-                self._leading = False
-        for w in group:
-            if w.record is not None and write_error is not None:
-                # One exception object raised in several threads would mix their tracebacks.
-                w.error = copy.copy(write_error)
-                w.error.__cause__ = write_error.__cause__
-            elif sync_error is not None or target < 0:
-                w.error = self._fsync_failed(sync_error)
-            elif failed is not None and failed[0] < w.seq <= failed[1]:
-                w.error = self._fsync_failed(failed[2])  # a roll's fsync of the old segment failed
-            w.done = True
-            if w is not me:
-                assert w.wake is not None
-                w.wake.release()
-        if successor is not None:
-            assert successor.wake is not None
-            successor.wake.release()
-
-    def _gather_group(self) -> None:
-        """Wait (at most GATHER_SECONDS) until as many have queued as the last group had.
-
-        The threads the previous leader released are on their way back; without this wait a
-        sync would cover only about half of them (the rest queue during it and wait for the
-        next), capping 8 threads near 4x one (notes/hotpath.md goal 2). The leader sleeps on
-        a lock the arrival that completes the group releases: polling would take the GIL from
-        the very threads it waits for.
-        """
-        mu = self._commit_mu
-        with mu:
-            if len(self._queued) >= self._group_size:
-                return
-            self._gather_want = self._group_size
-        self._gathered.acquire(timeout=GATHER_SECONDS)
-        with mu:
-            if self._gather_want:
-                self._gather_want = 0  # timed out: nobody will release it now
-            else:
-                self._gathered.acquire(blocking=False)  # released: hold it for the next leader
-
-    def _write_group(self, group: list[_Waiter]) -> tuple[int, int]:
+    def _write_group(self, group: list[Waiter]) -> tuple[int, int]:
         """Write the records of `group` with one write() in queue order and give them offsets.
 
         Returns the descriptor and sequence for `_fdatasync` (counted as a user of the fd).
@@ -571,11 +430,10 @@ class Log:
                 self._hand_over()
             return self._use_active_fd()
 
-    def _sync_active(self) -> tuple[int, BaseException | None]:
-        """fdatasync the active segment; return (the sequence it covers, the error or None)."""
+    def _capture_active(self) -> tuple[int, int]:
+        """The active fd and the sequence a sync of it now covers, for `_fdatasync`."""
         with self._wlock:
-            fd, target = self._use_active_fd()
-        return self._fdatasync(fd, target)
+            return self._use_active_fd()
 
     def _use_active_fd(self) -> tuple[int, int]:
         """The active fd and the sequence a sync of it now covers (caller holds _wlock)."""
@@ -840,8 +698,7 @@ class Log:
             # The old segment stays unsealed; readers move on when they see a newer segment.
             # Its unsynced appends may be lost (fsyncgate): their syncs must fail, not succeed.
             log.error("%s: could not seal segment %d: %s", self.log_dir, self._seg, exc)
-            with self._commit_mu:
-                self._sync_error = (self._synced_seq, self._seq, exc)
+            self._group.mark_failed(self._seq, exc)
         self._close_active()
         try:
             self._open_new_segment(next_base)
@@ -853,8 +710,7 @@ class Log:
             self._mark_broken()
             return
         if sealed:
-            with self._commit_mu:
-                self._set_synced(self._seq)
+            self._group.mark_synced(self._seq)
         self._unsynced_since = 0.0
         self._rp_pending = (self._seg, self._pos, self._next)
         self._rp_due = 0.0
@@ -894,17 +750,17 @@ class Log:
                     # trusting the OS as this mode does, so a reopen after a crash scans at
                     # most a second's appends rather than the whole segment.
                     self._rp_pending = (self._seg, self._pos, self._next)
-                if not self._unsynced_since and self._seq > self._synced_seq:
+                if not self._unsynced_since and self._seq > self._group.synced_seq:
                     self._unsynced_since = self._last_tick or now
             self._last_tick = now
             since = self._unsynced_since
-        if since and self.fsync.mode == "interval" and self._seq > self._synced_seq:
+        if since and self.fsync.mode == "interval" and self._seq > self._group.synced_seq:
             due = since + self.fsync.interval
             if now >= due:
                 try:
                     self._commit(self._seq)
                 except QueueError:
-                    pass  # already logged by _sync_active; the next append rolls to a new segment
+                    pass  # already logged by _fdatasync; the next append rolls to a new segment
             else:
                 timeout = min(timeout or due - now, due - now)
         rp = self._rp_pending

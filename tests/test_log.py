@@ -75,7 +75,7 @@ def test_group_commit_many_threads_always(qpath: Path) -> None:
         for t in threads:
             t.join()
         assert sorted(offsets) == list(range(400))
-        assert q._log._synced_seq == q._log._seq  # every returned put was covered by an fsync
+        assert q._log._group.synced_seq == q._log._seq  # every returned put was covered by an fsync
     got = read_all(qpath)
     assert sorted(map(tuple, got)) == sorted((t, i) for t in range(8) for i in range(50))
 
@@ -104,7 +104,7 @@ def test_group_commit_shares_one_write_and_one_fsync(qpath: Path, monkeypatch: p
         def work(t: int) -> None:
             for i in range(50):
                 off = q.put((t, i))
-                assert q._log._synced_seq >= 1 and off < q._log._next
+                assert q._log._group.synced_seq >= 1 and off < q._log._next
 
         _run_threads(work, 8)
         assert 0 < calls["fdatasync"] < 400
@@ -132,16 +132,16 @@ def test_group_commit_mixes_puts_batches_and_keyed_puts(qpath: Path) -> None:
         _run_threads(work, 6)
         assert sorted(offsets) == list(range(len(offsets)))
         assert len(offsets) == 2 * 20 * 2 + 2 * 20 * 1 + 2 * 20
-        assert q._log._synced_seq == q._log._seq
+        assert q._log._group.synced_seq == q._log._seq
     assert len(read_all(qpath)) == len(offsets)
 
 
 def test_group_commit_survives_a_leader_that_raises(qpath: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Something unforeseen escapes the group leader: its group's puts fail (none returns as
     if durable), nobody hangs, and the next puts commit normally."""
-    from pqueue import log as log_module
+    from pqueue.log import Log
 
-    real = log_module.Log._fdatasync
+    real = Log._fdatasync
     armed = {"left": 1}
 
     def failing_once(self: Any, fd: int, target: int) -> Any:
@@ -150,7 +150,7 @@ def test_group_commit_survives_a_leader_that_raises(qpath: Path, monkeypatch: py
             raise RuntimeError("injected")
         return real(self, fd, target)
 
-    monkeypatch.setattr(log_module.Log, "_fdatasync", failing_once)
+    monkeypatch.setattr(Log, "_fdatasync", failing_once)
     with pqueue.Queue(qpath, fsync="always") as q:
         outcomes: list[str] = []
         lock = threading.Lock()
@@ -172,7 +172,7 @@ def test_group_commit_survives_a_leader_that_raises(qpath: Path, monkeypatch: py
         assert outcomes.count("leader") == 1
         assert outcomes.count("ok") >= 40 - 8
         q.put("after")
-        assert q._log._synced_seq == q._log._seq
+        assert q._log._group.synced_seq == q._log._seq
 
 
 def test_interval_policy_bounds_unsynced_records(qpath: Path) -> None:
@@ -180,7 +180,7 @@ def test_interval_policy_bounds_unsynced_records(qpath: Path) -> None:
     with pqueue.Queue(qpath, fsync="3600s/10") as q:
         for _ in range(95):
             q.put(0)
-            assert q._log._seq - q._log._synced_seq < 10
+            assert q._log._seq - q._log._group.synced_seq < 10
 
 
 def test_never_policy_does_not_sync_per_put(qpath: Path) -> None:
@@ -188,9 +188,9 @@ def test_never_policy_does_not_sync_per_put(qpath: Path) -> None:
     with pqueue.Queue(qpath, fsync="never") as q:
         for _ in range(20):
             q.put(0)
-        assert q._log._synced_seq == 0
+        assert q._log._group.synced_seq == 0
         q.flush()
-        assert q._log._synced_seq == 20
+        assert q._log._group.synced_seq == 20
 
 
 def test_bad_fsync_specs_are_refused() -> None:
