@@ -18,10 +18,12 @@ from typing import TYPE_CHECKING, Any
 
 from . import schedule
 from .errors import ClosedError, CorruptRecordError, Empty, SerializationError
-from .index import Grant, GroupState, owner_token
+from .index import owner_token
+from .leases import Grant
 from .message import Message
 from .reader import Position, ReadResult
 from .record import ATTR_BOOT, ATTR_EXPIRES, ATTR_NOT_BEFORE
+from .tables import GroupState
 
 if TYPE_CHECKING:
     from .queue import Queue

@@ -1,6 +1,11 @@
 """The LMDB state of a queue: per-group offsets, acks, leases, attempts, schedule; meta.
 
-This is the only module that imports ``lmdb``. Everything in it can be rebuilt from the log:
+This is the only module that opens LMDB: it owns the environments, runs every transaction
+(growing the map, translating errors) and answers the queries. One group's write-transaction
+steps (leases, hand-backs, acks, the due and priority scans, batch reclaim) live in
+leases.py, which exchange() and extend() drive inside a transaction begun here; how keys and
+values are encoded (the struct layouts, msgpack, GroupState) lives in tables.py. Both import
+``lmdb`` for type annotations only. Everything in the index can be rebuilt from the log:
 losing the index costs redelivery, never loss.
 
 Named databases (keys are big-endian so LMDB's byte order is numeric order):
@@ -46,16 +51,16 @@ import os
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Protocol
+from typing import Any
 
 import lmdb
-import msgpack
 
-from . import schedule
 from .errors import DiskFullError, FormatVersionError, QueueError, ReadOnlyError
-from .record import ATTR_BOOT, ATTR_NOT_BEFORE, ATTR_PRIORITY, FORMAT_VERSION
+from .leases import DoneSet, Grant, GroupTxn, ReadFn
+from .record import FORMAT_VERSION
+from .tables import DUE, GID, OFF, READY, RP, U64, GroupState, pack_value, prefixed, unpack_value
 
 log = logging.getLogger(__name__)
 
@@ -63,23 +68,6 @@ DATABASES = ("meta", "groups", "acks", "state", "batches", "due", "dead", "ready
              "resulttimes")
 MAP_SIZE_BYTES = 256 << 20  # 256 MiB of address space to start; sparse, grows on demand
 MAX_READERS = 512
-_GID = struct.Struct(">I")
-_OFF = struct.Struct(">IQ")
-_DUE = struct.Struct(">IQcQ")  # gid, time ms, kind (B batch / S single), offset
-_U64 = struct.Struct(">Q")
-_RP = struct.Struct(">QQQ")
-_READY = struct.Struct(">IBQ")  # gid, 255 - priority level, offset
-SCAN_BATCH = 16384  # records looked at for priorities per transaction
-_packer = msgpack.Packer(use_bin_type=True)
-
-
-def _pack(obj: Any) -> bytes:
-    data: bytes = _packer.pack(obj)
-    return data
-
-
-def _unpack(data: Any) -> Any:
-    return msgpack.unpackb(data, raw=False, strict_map_key=False)
 
 
 # --------------------------------------------------------------------------- shared environments
@@ -156,47 +144,6 @@ def _release_env(path: str) -> None:
 
 
 # --------------------------------------------------------------------------- records
-
-
-@dataclass
-class GroupState:
-    gid: int
-    committed: int  # W
-    committed_seg: int
-    committed_pos: int
-    dispatch: int  # D
-    dispatch_seg: int
-    dispatch_pos: int
-    dead: int = 0
-    damaged: int = 0
-    dropped: int = 0  # records deleted unread by a drop_oldest byte cap
-    scan: int = 0  # S: records below it were looked at for priorities (>= D when in use)
-    scan_seg: int = 0
-    scan_pos: int = 0
-
-    def pack(self) -> bytes:
-        return _pack([self.gid, self.committed, self.committed_seg, self.committed_pos, self.dispatch,
-                      self.dispatch_seg, self.dispatch_pos, self.dead, self.damaged, self.dropped,
-                      self.scan, self.scan_seg, self.scan_pos])
-
-    @classmethod
-    def unpack(cls, data: Any) -> GroupState:
-        return cls(*_unpack(data)[:13])
-
-
-class Grant(NamedTuple):
-    """One message leased to a consumer: where to read it and how many deliveries it has had."""
-
-    offset: int
-    seg: int
-    pos: int
-    attempt: int  # this delivery's number, from 1
-    deadline_ms: int
-    record: Any  # the log Record (read inside the transaction)
-
-
-class ReadFn(Protocol):
-    def __call__(self, seg: int, pos: int, offset: int, max_records: int) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -280,10 +227,10 @@ class Index:
         raw = self.read(lambda txn: txn.get(b"format", db=meta))
         if raw is None:
             if not self.readonly:
-                self.write(lambda txn: txn.put(b"format", _U64.pack(FORMAT_VERSION), db=self.db["meta"]))
+                self.write(lambda txn: txn.put(b"format", U64.pack(FORMAT_VERSION), db=self.db["meta"]))
             return
         try:
-            found = _U64.unpack(raw)[0]
+            found = U64.unpack(raw)[0]
         except struct.error as exc:
             raise _damaged(exc, self.env_path) from exc
         if found > FORMAT_VERSION:
@@ -332,12 +279,12 @@ class Index:
     def recovery_point(self) -> tuple[int, int, int] | None:
         def fn(txn: lmdb.Transaction) -> tuple[int, int, int] | None:
             raw = txn.get(b"rp", db=self.db["meta"])
-            return None if raw is None else _RP.unpack(raw)
+            return None if raw is None else RP.unpack(raw)
         result: tuple[int, int, int] | None = self.read(fn)
         return result
 
     def save_recovery_point(self, rp: tuple[int, int, int]) -> None:
-        self.write(lambda txn: txn.put(b"rp", _RP.pack(*rp), db=self.db["meta"]))
+        self.write(lambda txn: txn.put(b"rp", RP.pack(*rp), db=self.db["meta"]))
 
     def groups(self) -> dict[str, GroupState]:
         db = self.db.get("groups")
@@ -416,7 +363,7 @@ class Index:
             if raw is None:
                 raise QueueError(f"consumer group {group!r} vanished from the index")
             g = GroupState.unpack(raw)
-            tx = _Txn(self, txn, g)
+            tx = GroupTxn(self, txn, g)
             for first, nxt in skips:
                 tx.mark_done(first, nxt)
             for offset in acks:
@@ -430,7 +377,7 @@ class Index:
             grants: list[Grant] = []
             if want > 0 and read is not None:
                 prio_raw = txn.get(b"prio_from", db=self.db["meta"])
-                prio_from = None if prio_raw is None else _U64.unpack(prio_raw)[0]
+                prio_from = None if prio_raw is None else U64.unpack(prio_raw)[0]
                 grants = tx.lease(owner, want, now, lease_ms, read, prio_from, choose_level)
             tx.advance()
             packed = g.pack()
@@ -445,9 +392,9 @@ class Index:
         """The earliest time a waiting or leased message of `group` needs attention."""
         def fn(txn: lmdb.Transaction) -> int | None:
             cur = txn.cursor(db=self.db["due"])
-            prefix = _GID.pack(group.gid)
+            prefix = GID.pack(group.gid)
             if cur.set_range(prefix) and cur.key()[:4] == prefix:
-                return int(_DUE.unpack(cur.key())[1])
+                return int(DUE.unpack(cur.key())[1])
             return None
         result: int | None = self.read(fn)
         return result
@@ -464,7 +411,7 @@ class Index:
         g = self.peek(group)
         if g is None:
             return 0
-        prefix = _GID.pack(g.gid)
+        prefix = GID.pack(g.gid)
 
         def find(txn: lmdb.Transaction) -> list[tuple[str, int, int]]:
             found: list[tuple[str, int, int]] = []
@@ -475,11 +422,11 @@ class Index:
                 for k, v in cur:
                     if k[:4] != prefix:
                         break
-                    st = _unpack(v)
+                    st = unpack_value(v)
                     if kind == "state" and st[0] != "L":
                         continue
                     if not owner_alive(st[1]):
-                        found.append((kind, _OFF.unpack(k)[1], st[3]))
+                        found.append((kind, OFF.unpack(k)[1], st[3]))
             return found
 
         dead = self.read(find)
@@ -488,18 +435,18 @@ class Index:
 
         def expire(txn: lmdb.Transaction) -> None:
             for kind, offset, deadline in dead:
-                k = _OFF.pack(g.gid, offset)
+                k = OFF.pack(g.gid, offset)
                 v = txn.get(k, db=self.db[kind])
                 if v is None:
                     continue
-                st = _unpack(v)
+                st = unpack_value(v)
                 if st[3] != deadline:
                     continue  # changed since we looked
                 kind_byte = b"B" if kind == "batches" else b"S"
-                txn.delete(_DUE.pack(g.gid, deadline, kind_byte, offset), db=self.db["due"])
+                txn.delete(DUE.pack(g.gid, deadline, kind_byte, offset), db=self.db["due"])
                 st[3] = 0
-                txn.put(k, _pack(st), db=self.db[kind])
-                txn.put(_DUE.pack(g.gid, 0, kind_byte, offset), b"", db=self.db["due"])
+                txn.put(k, pack_value(st), db=self.db[kind])
+                txn.put(DUE.pack(g.gid, 0, kind_byte, offset), b"", db=self.db["due"])
 
         self.write(expire)
         log.info("%s: reclaimed %d leases of dead processes in group %r", self.path, len(dead), group)
@@ -515,27 +462,27 @@ class Index:
             if raw is None:
                 return None
             g = GroupState.unpack(raw)
-            prefix = _GID.pack(g.gid)
+            prefix = GID.pack(g.gid)
             acked = 0
-            for k, v in _prefixed(txn, self.db["acks"], prefix):
-                off = _OFF.unpack(k)[1]
-                acked += (_U64.unpack(v)[0] - off) if v else 1
+            for k, v in prefixed(txn, self.db["acks"], prefix):
+                off = OFF.unpack(k)[1]
+                acked += (U64.unpack(v)[0] - off) if v else 1
             in_flight = waiting = delayed = 0
             singles: set[int] = set()
-            for k, v in _prefixed(txn, self.db["state"], prefix):
-                st = _unpack(v)
-                singles.add(_OFF.unpack(k)[1])
+            for k, v in prefixed(txn, self.db["state"], prefix):
+                st = unpack_value(v)
+                singles.add(OFF.unpack(k)[1])
                 if st[0] == "L":
                     in_flight += 1
                 elif st[1] > 0 or st[2] <= now:
                     waiting += 1
                 else:
                     delayed += 1
-            for k, _v in _prefixed(txn, self.db["ready"], prefix):
-                singles.add(_READY.unpack(k)[2])
-            done = _DoneSet(txn, self.db["acks"], g)
-            for k, v in _prefixed(txn, self.db["batches"], prefix):
-                first, count = _OFF.unpack(k)[1], _unpack(v)[0]
+            for k, _v in prefixed(txn, self.db["ready"], prefix):
+                singles.add(READY.unpack(k)[2])
+            done = DoneSet(txn, self.db["acks"], g)
+            for k, v in prefixed(txn, self.db["batches"], prefix):
+                first, count = OFF.unpack(k)[1], unpack_value(v)[0]
                 for off in range(first, first + count):
                     if off not in singles and not done.contains(off):
                         in_flight += 1
@@ -553,18 +500,18 @@ class Index:
             if raw is None:
                 return None
             g = GroupState.unpack(raw)
-            if txn.get(_OFF.pack(g.gid, offset), db=self.db["dead"]) is not None:
+            if txn.get(OFF.pack(g.gid, offset), db=self.db["dead"]) is not None:
                 return "dead"
-            if offset < g.committed or _DoneSet(txn, self.db["acks"], g).contains(offset):
+            if offset < g.committed or DoneSet(txn, self.db["acks"], g).contains(offset):
                 return "done"
             if offset >= g.dispatch:
                 return "pending"
-            v = txn.get(_OFF.pack(g.gid, offset), db=self.db["state"])
-            if v is None and any(txn.get(_READY.pack(g.gid, inv, offset), db=self.db["ready"]) is not None
+            v = txn.get(OFF.pack(g.gid, offset), db=self.db["state"])
+            if v is None and any(txn.get(READY.pack(g.gid, inv, offset), db=self.db["ready"]) is not None
                                  for inv in range(0, 256)):
                 return "pending"
             if v is not None:
-                st = _unpack(v)
+                st = unpack_value(v)
                 if st[0] == "L":
                     return "in_flight"
                 return "waiting" if st[1] > 0 or st[2] <= now else "delayed"
@@ -590,7 +537,7 @@ class Index:
             if raw is None:
                 return False
             g = GroupState.unpack(raw)
-            prefix = _GID.pack(g.gid)
+            prefix = GID.pack(g.gid)
             for name in ("acks", "state", "batches", "due", "ready"):
                 cur = txn.cursor(db=self.db[name])
                 if cur.set_range(prefix):
@@ -610,7 +557,7 @@ class Index:
         """[offset, seg, pos, time_ms] of idempotency key `key`, or None."""
         def fn(txn: lmdb.Transaction) -> list[int] | None:
             raw = txn.get(key.encode(), db=self.db["keys"])
-            return None if raw is None else [int(x) for x in _unpack(raw)[:4]]
+            return None if raw is None else [int(x) for x in unpack_value(raw)[:4]]
         result: list[int] | None = self.read(fn)
         return result
 
@@ -626,14 +573,14 @@ class Index:
         def fn(txn: lmdb.Transaction) -> None:
             old = txn.get(kb, db=self.db["keys"])
             if old is not None:
-                txn.delete(_U64.pack(_unpack(old)[3]) + kb, db=self.db["keytimes"])
-            txn.put(kb, _pack([offset, seg, pos, now_ms]), db=self.db["keys"])
-            txn.put(_U64.pack(now_ms) + kb, b"", db=self.db["keytimes"])
+                txn.delete(U64.pack(unpack_value(old)[3]) + kb, db=self.db["keytimes"])
+            txn.put(kb, pack_value([offset, seg, pos, now_ms]), db=self.db["keys"])
+            txn.put(U64.pack(now_ms) + kb, b"", db=self.db["keytimes"])
             cur = txn.cursor(db=self.db["keytimes"])
             doomed: list[bytes] = []
             if cur.first():
                 for k in cur.iternext(values=False):
-                    if len(doomed) >= 32 or _U64.unpack(k[:8])[0] >= now_ms - window_ms:
+                    if len(doomed) >= 32 or U64.unpack(k[:8])[0] >= now_ms - window_ms:
                         break
                     doomed.append(bytes(k))
             for k in doomed:
@@ -646,13 +593,13 @@ class Index:
         """Remember that records from `offset` on may carry priorities (turns the scan on)."""
         def fn(txn: lmdb.Transaction) -> None:
             if txn.get(b"prio_from", db=self.db["meta"]) is None:
-                txn.put(b"prio_from", _U64.pack(offset), db=self.db["meta"])
+                txn.put(b"prio_from", U64.pack(offset), db=self.db["meta"])
         self.write(fn)
 
     def priority_from(self) -> int | None:
         def fn(txn: lmdb.Transaction) -> int | None:
             raw = txn.get(b"prio_from", db=self.db["meta"])
-            return None if raw is None else int(_U64.unpack(raw)[0])
+            return None if raw is None else int(U64.unpack(raw)[0])
         result: int | None = self.read(fn)
         return result
 
@@ -660,8 +607,8 @@ class Index:
         """A byte cap deleted offsets [first, nxt) unread: count them for `stat`."""
         def fn(txn: lmdb.Transaction) -> None:
             raw = txn.get(b"dropped", db=self.db["meta"])
-            total = (0 if raw is None else _U64.unpack(raw)[0]) + (nxt - first)
-            txn.put(b"dropped", _U64.pack(total), db=self.db["meta"])
+            total = (0 if raw is None else U64.unpack(raw)[0]) + (nxt - first)
+            txn.put(b"dropped", U64.pack(total), db=self.db["meta"])
         self.write(fn)
 
     def dropped(self) -> int:
@@ -669,7 +616,7 @@ class Index:
         if db is None:
             return 0
         result: int = self.read(lambda txn: 0 if (raw := txn.get(b"dropped", db=db)) is None
-                                else int(_U64.unpack(raw)[0]))
+                                else int(U64.unpack(raw)[0]))
         return result
 
     def extend(self, group: str, owner: list[Any], offset: int, seg: int, pos: int, attempt: int,
@@ -683,21 +630,7 @@ class Index:
             raw = txn.get(group.encode(), db=self.db["groups"])
             if raw is None:
                 return False
-            tx = _Txn(self, txn, GroupState.unpack(raw))
-            if offset < tx.g.committed or _DoneSet(txn, self.db["acks"], tx.g).contains(offset):
-                return False
-            v = txn.get(tx._key(offset), db=self.db["state"])
-            if v is not None:
-                st = _unpack(v)
-                if st[0] != "L" or st[1] != owner:
-                    return False
-            else:
-                batch = tx._batch_of(offset)
-                if batch is None or batch[1] != owner:
-                    return False
-            tx._drop_state(offset)
-            tx._lease_one(owner, offset, seg, pos, attempt, deadline_ms)
-            return True
+            return GroupTxn(self, txn, GroupState.unpack(raw)).extend(owner, offset, seg, pos, attempt, deadline_ms)
 
         return bool(self.write(fn))
 
@@ -711,7 +644,7 @@ class Index:
         if db is None:
             return None
         raw = self.read(lambda txn: txn.get(b"periodic:" + name.encode(), db=db))
-        return None if raw is None else int(_U64.unpack(raw)[0])
+        return None if raw is None else int(U64.unpack(raw)[0])
 
     def periodic_advance(self, name: str, start_ms: int) -> int:
         """Record `start_ms` as `name`'s last enqueued period unless a later one is recorded.
@@ -723,9 +656,9 @@ class Index:
 
         def fn(txn: lmdb.Transaction) -> int:
             raw = txn.get(key, db=self.db["meta"])
-            stored = -1 if raw is None else int(_U64.unpack(raw)[0])
+            stored = -1 if raw is None else int(U64.unpack(raw)[0])
             if start_ms > stored:
-                txn.put(key, _U64.pack(start_ms), db=self.db["meta"])
+                txn.put(key, U64.pack(start_ms), db=self.db["meta"])
                 return start_ms
             return stored
         result: int = self.write(fn)
@@ -735,18 +668,18 @@ class Index:
 
     def _put_result(self, txn: lmdb.Transaction, gid: int, offset: int, value: list[Any], expires_ms: int) -> None:
         """Store a task's final state; prune up to 32 expired results on the way."""
-        k = _OFF.pack(gid, offset)
+        k = OFF.pack(gid, offset)
         old = txn.get(k, db=self.db["results"])
         if old is not None:
-            txn.delete(_U64.pack(_unpack(old)[-1]) + k, db=self.db["resulttimes"])
-        txn.put(k, _pack([*value, expires_ms]), db=self.db["results"])
-        txn.put(_U64.pack(expires_ms) + k, b"", db=self.db["resulttimes"])
+            txn.delete(U64.pack(unpack_value(old)[-1]) + k, db=self.db["resulttimes"])
+        txn.put(k, pack_value([*value, expires_ms]), db=self.db["results"])
+        txn.put(U64.pack(expires_ms) + k, b"", db=self.db["resulttimes"])
         now_ms = int(time.time() * 1000)
         cur = txn.cursor(db=self.db["resulttimes"])
         doomed: list[bytes] = []
         if cur.first():
             for tk in cur.iternext(values=False):
-                if len(doomed) >= 32 or _U64.unpack(tk[:8])[0] > now_ms:
+                if len(doomed) >= 32 or U64.unpack(tk[:8])[0] > now_ms:
                     break
                 doomed.append(bytes(tk))
         for tk in doomed:
@@ -759,11 +692,11 @@ class Index:
             raw = txn.get(group.encode(), db=self.db["groups"])
             if raw is None:
                 return None
-            k = _OFF.pack(GroupState.unpack(raw).gid, offset)
+            k = OFF.pack(GroupState.unpack(raw).gid, offset)
             v = txn.get(k, db=self.db["results"])
             if v is None:
                 return None
-            found: list[Any] = _unpack(v)
+            found: list[Any] = unpack_value(v)
             return found if found[-1] > time.time() * 1000 else None
         result: list[Any] | None = self.read(fn)
         return result
@@ -778,9 +711,9 @@ class Index:
             if raw is None:
                 return
             g = GroupState.unpack(raw)
-            k = _OFF.pack(g.gid, offset)
+            k = OFF.pack(g.gid, offset)
             if txn.get(k, db=self.db["dead"]) is None:
-                txn.put(k, _pack(info), db=self.db["dead"])
+                txn.put(k, pack_value(info), db=self.db["dead"])
                 g.dead += 1
                 txn.put(group.encode(), g.pack(), db=self.db["groups"])
             if result_ttl_ms:
@@ -792,375 +725,10 @@ class Index:
         """Forget dead-letter markers of records whose segments are gone."""
         def fn(txn: lmdb.Transaction) -> None:
             cur = txn.cursor(db=self.db["dead"])
-            doomed = [k for k, _v in cur if _OFF.unpack(k)[1] < offset]
+            doomed = [k for k, _v in cur if OFF.unpack(k)[1] < offset]
             for k in doomed:
                 txn.delete(k, db=self.db["dead"])
         self.write(fn)
-
-
-class _DoneSet:
-    """Membership in the done ranges of the acks database, for one group."""
-
-    def __init__(self, txn: lmdb.Transaction, db: Any, g: GroupState) -> None:
-        self.cur = txn.cursor(db=db)
-        self.g = g
-
-    def contains(self, offset: int) -> bool:
-        if offset < self.g.committed:
-            return True
-        cur = self.cur
-        key = _OFF.pack(self.g.gid, offset)
-        if cur.set_key(key):
-            return True
-        # The greatest range start below `offset`: is `offset` inside its range?
-        if cur.set_range(key):
-            if not cur.prev():
-                return False
-        elif not cur.last():
-            return False
-        k, v = cur.item()
-        if k[:4] != key[:4] or not v:
-            return False
-        return bool(_OFF.unpack(k)[1] < offset < _U64.unpack(v)[0])
-
-
-class _Txn:
-    """The steps of one exchange transaction on one group's state."""
-
-    def __init__(self, index: Index, txn: lmdb.Transaction, g: GroupState) -> None:
-        self.txn = txn
-        self.g = g
-        self.acks = index.db["acks"]
-        self.ready = index.db["ready"]
-        self.state = index.db["state"]
-        self.batches = index.db["batches"]
-        self.due = index.db["due"]
-        self.prefix = _GID.pack(g.gid)
-
-    def _key(self, offset: int) -> bytes:
-        return _OFF.pack(self.g.gid, offset)
-
-    def _drop_state(self, offset: int) -> list[Any] | None:
-        """Delete the single-offset state record of `offset` (and its due entry), if any."""
-        k = self._key(offset)
-        v = self.txn.get(k, db=self.state)
-        if v is None:
-            return None
-        st: list[Any] = _unpack(v)
-        due = st[3] if st[0] == "L" else st[2]
-        self.txn.delete(k, db=self.state)
-        self.txn.delete(_DUE.pack(self.g.gid, due, b"S", offset), db=self.due)
-        return st
-
-    def _drop_batch(self, first: int, deadline: int) -> None:
-        self.txn.delete(self._key(first), db=self.batches)
-        self.txn.delete(_DUE.pack(self.g.gid, deadline, b"B", first), db=self.due)
-
-    def mark_done(self, first: int, nxt: int) -> None:
-        """Offsets [first, nxt) are finished (acked, dead-lettered or unreadable)."""
-        g = self.g
-        if nxt <= g.committed:
-            return
-        first = max(first, g.committed)
-        if nxt - first <= 64:
-            for off in range(first, nxt):
-                self._drop_state(off)
-        if first == g.committed:
-            g.committed = nxt
-            return
-        if nxt == first + 1:
-            self.txn.put(self._key(first), b"", db=self.acks)
-        else:
-            self.txn.put(self._key(first), _U64.pack(nxt), db=self.acks)
-
-    def advance(self) -> None:
-        """Move the committed offset W over every done offset right above it."""
-        g = self.g
-        txn, acks = self.txn, self.acks
-        while True:
-            k = self._key(g.committed)
-            v = txn.get(k, db=acks)
-            if v is None:
-                break
-            txn.delete(k, db=acks)
-            g.committed = _U64.unpack(v)[0] if v else g.committed + 1
-        # Batches and single records wholly below W are finished: drop them.
-        for first, st in list(_prefixed_items(txn, self.batches, self.prefix, below=g.committed)):
-            if first + st[0] <= g.committed:
-                self._drop_batch(first, st[3])
-        for offset, _st in list(_prefixed_items(txn, self.state, self.prefix, below=g.committed)):
-            self._drop_state(offset)
-        # The committed position is exact when W meets D; otherwise it is the last exact one
-        # (a position at or before W). W passes D only over acked priority records, which the
-        # dispatch cursor skips when it gets there: D never moves without its position.
-        if g.committed == g.dispatch:
-            g.committed_seg, g.committed_pos = g.dispatch_seg, g.dispatch_pos
-
-    def hand_back(self, offset: int, seg: int, pos: int, due: int, charged: bool) -> None:
-        """Make `offset` deliverable again at `due`; uncharged hand-backs keep its attempt count."""
-        if offset < self.g.committed or offset >= max(self.g.dispatch, self.g.scan):
-            return
-        if _DoneSet(self.txn, self.acks, self.g).contains(offset):
-            return
-        st = self._drop_state(offset)
-        if st is not None:
-            attempt = st[2] if st[0] == "L" else st[1]
-        else:
-            batch = self._batch_of(offset)
-            if batch is None:
-                return  # not leased: nothing to hand back
-            attempt = batch[2]
-        if not charged:
-            attempt = max(0, attempt - 1)
-        self._put_waiting(offset, attempt, due, seg, pos)
-
-    def _put_waiting(self, offset: int, attempt: int, due: int, seg: int, pos: int) -> None:
-        """A single record overrides the batch the offset falls in (if any)."""
-        self.txn.put(self._key(offset), _pack(["W", attempt, due, seg, pos]), db=self.state)
-        self.txn.put(_DUE.pack(self.g.gid, due, b"S", offset), b"", db=self.due)
-
-    def _batch_of(self, offset: int) -> list[Any] | None:
-        """The batch record whose range holds `offset`, if any."""
-        cur = self.txn.cursor(db=self.batches)
-        key = self._key(offset)
-        if cur.set_range(key):
-            if cur.key() != key and not cur.prev():
-                return None
-        elif not cur.last():
-            return None
-        k = cur.key()
-        if k[:4] != self.prefix:
-            return None
-        first = _OFF.unpack(k)[1]
-        st: list[Any] = _unpack(cur.value())
-        return st if first <= offset < first + st[0] else None
-
-    def lease(self, owner: list[Any], want: int, now: int, lease_ms: int, read: ReadFn,
-              prio_from: int | None = None, choose_level: Callable[[list[int]], int] | None = None,
-              ) -> list[Grant]:
-        """Lease due messages, else the highest-priority ready ones, else fresh offsets as a batch.
-
-        Due messages come first, oldest due first. One that was delivered before (a retry) is
-        leased alone, so a task that crashes its process does not charge its neighbours;
-        never-delivered ones (handed back, delayed) are leased together.
-        """
-        g = self.g
-        deadline = now + lease_ms
-        for first, st in self._due(now, b"B"):
-            self._reclaim_batch(first, st, now, read, prio_from is not None)
-        grants = self._lease_due(owner, want, now, deadline, read)
-        if grants:
-            return grants
-        if prio_from is not None:
-            self._scan_priorities(prio_from, now, read)
-            levels = self._ready_levels()
-            if levels:
-                level = levels[0] if choose_level is None else choose_level(levels + [0])
-                if level:
-                    return self._lease_ready(owner, level, want, deadline, read)
-        result = read(g.dispatch_seg, g.dispatch_pos, g.dispatch, want)
-        for d in result.damage:
-            self._skip(d)
-        next_offset, position = result.next_offset, result.position
-        for seg, rec in result.records:
-            if prio_from is not None and rec.offset >= g.scan:
-                # Never dispatch past the priority scan: records there were not looked at yet.
-                next_offset, position = rec.offset, (seg, rec.pos)
-                break
-            attrs = rec.attrs
-            if attrs:
-                if prio_from is not None and attrs.get(ATTR_PRIORITY):
-                    continue  # found by the scan: in `ready`, leased or waiting
-                due = _due_ms(rec, now)
-                if due > now:
-                    self._put_waiting(rec.offset, 0, due, seg, rec.pos)
-                    continue
-            grants.append(Grant(rec.offset, seg, rec.pos, 1, deadline, rec))
-        if grants:
-            first, count = grants[0].offset, grants[-1].offset - grants[0].offset + 1
-            self.txn.put(self._key(first), _pack([count, owner, 1, deadline, grants[0].seg, grants[0].pos]),
-                         db=self.batches)
-            self.txn.put(_DUE.pack(g.gid, deadline, b"B", first), b"", db=self.due)
-        g.dispatch = max(g.dispatch, next_offset)
-        g.dispatch_seg, g.dispatch_pos = position
-        return grants
-
-    def _skip(self, d: Any) -> None:
-        """Offsets lost to damage, a gap or a dropped segment are done, and counted."""
-        lost = d.next_offset - max(d.first_offset, self.g.committed)
-        self.mark_done(d.first_offset, d.next_offset)
-        if lost <= 0:
-            return
-        if d.reason == "segment deleted":
-            self.g.dropped += lost
-        elif d.length:
-            self.g.damaged += lost
-
-    def _lease_due(self, owner: list[Any], want: int, now: int, deadline: int, read: ReadFn) -> list[Grant]:
-        g = self.g
-        grants: list[Grant] = []
-        for offset, st in self._due(now, b"S", limit=want):
-            if st[0] == "L":
-                # A lease that ran out: its holder died or is too slow. The delivery counts.
-                attempt, seg, pos = st[2], st[4], st[5]
-            else:
-                attempt, seg, pos = st[1], st[3], st[4]
-            if attempt > 0 and grants:
-                break
-            got = read(seg, pos, offset, 1)
-            if not got.records or got.records[0][1].offset != offset:
-                # The record is gone (a deleted segment) or unreadable: it can never be delivered.
-                self._drop_state(offset)
-                self.mark_done(offset, offset + 1)
-                g.damaged += 1
-                continue
-            rec = got.records[0][1]
-            if attempt == 0 and rec.attrs:
-                # Due by the wall clock; the boot clock may say a clock step brought it forward.
-                due = _due_ms(rec, now)
-                if due > now:
-                    self._drop_state(offset)
-                    self._put_waiting(offset, 0, due, seg, pos)
-                    continue
-            self._drop_state(offset)
-            self._lease_one(owner, offset, seg, pos, attempt + 1, deadline)
-            grants.append(Grant(offset, seg, pos, attempt + 1, deadline, rec))
-            if attempt > 0:
-                break
-        return grants
-
-    def _lease_one(self, owner: list[Any], offset: int, seg: int, pos: int, attempt: int, deadline: int) -> None:
-        self.txn.put(self._key(offset), _pack(["L", owner, attempt, deadline, seg, pos]), db=self.state)
-        self.txn.put(_DUE.pack(self.g.gid, deadline, b"S", offset), b"", db=self.due)
-
-    def _scan_priorities(self, prio_from: int, now: int, read: ReadFn) -> None:
-        """Move the group's priority scan S to the end of the log (at most SCAN_BATCH records).
-
-        Every record of priority > 0 at or after the dispatch cursor goes to `ready` (or waits,
-        if delayed); dispatch then skips them and never passes S.
-        """
-        g = self.g
-        if g.scan < g.dispatch:
-            g.scan, g.scan_seg, g.scan_pos = g.dispatch, g.dispatch_seg, g.dispatch_pos
-        result = read(g.scan_seg, g.scan_pos, g.scan, SCAN_BATCH)
-        for seg, rec in result.records:
-            level = rec.attrs.get(ATTR_PRIORITY) if rec.attrs else None
-            if not level or rec.offset < prio_from:
-                continue
-            due = _due_ms(rec, now)
-            if due > now:
-                self._put_waiting(rec.offset, 0, due, seg, rec.pos)
-            else:
-                self.txn.put(_READY.pack(g.gid, 255 - int(level), rec.offset), _pack([seg, rec.pos]),
-                             db=self.ready)
-        g.scan = max(g.scan, result.next_offset)
-        g.scan_seg, g.scan_pos = result.position
-
-    def _ready_levels(self) -> list[int]:
-        """Priority levels with ready records, highest first."""
-        levels: list[int] = []
-        cur = self.txn.cursor(db=self.ready)
-        key = _READY.pack(self.g.gid, 0, 0)
-        while cur.set_range(key):
-            gid, inv, _offset = _READY.unpack(cur.key())
-            if gid != self.g.gid:
-                break
-            levels.append(255 - inv)
-            if inv == 255:
-                break
-            key = _READY.pack(self.g.gid, inv + 1, 0)
-        return levels
-
-    def _lease_ready(self, owner: list[Any], level: int, want: int, deadline: int, read: ReadFn) -> list[Grant]:
-        """Lease up to `want` ready records of `level`, oldest first, one state record each."""
-        grants: list[Grant] = []
-        cur = self.txn.cursor(db=self.ready)
-        prefix = _READY.pack(self.g.gid, 255 - level, 0)[:5]
-        taken: list[tuple[bytes, int, int, int]] = []
-        if cur.set_range(prefix):
-            for k, v in cur:
-                if k[:5] != prefix or len(taken) >= want:
-                    break
-                seg, pos = _unpack(v)
-                taken.append((bytes(k), _READY.unpack(k)[2], seg, pos))
-        for k, offset, seg, pos in taken:
-            self.txn.delete(k, db=self.ready)
-            got = read(seg, pos, offset, 1)
-            if not got.records or got.records[0][1].offset != offset:
-                self.mark_done(offset, offset + 1)
-                self.g.damaged += 1
-                continue
-            self._lease_one(owner, offset, seg, pos, 1, deadline)
-            grants.append(Grant(offset, seg, pos, 1, deadline, got.records[0][1]))
-        return grants
-
-    def _due(self, now: int, kind: bytes, limit: int = 1 << 30) -> list[tuple[int, list[Any]]]:
-        """Batch leases (kind b"B") or single records (b"S") due by `now`, oldest first."""
-        out: list[tuple[int, list[Any]]] = []
-        db = self.batches if kind == b"B" else self.state
-        cur = self.txn.cursor(db=self.due)
-        if not cur.set_range(self.prefix):
-            return out
-        for k in cur.iternext(values=False):
-            gid, due, k_kind, offset = _DUE.unpack(k)
-            if gid != self.g.gid or due > now or len(out) >= limit:
-                break
-            if k_kind != kind:
-                continue
-            st = self.txn.get(self._key(offset), db=db)
-            if st is not None:
-                out.append((offset, _unpack(st)))
-        return out
-
-    def _reclaim_batch(self, first: int, st: list[Any], now: int, read: ReadFn, priorities: bool) -> None:
-        """A batch lease ran out: every member not done nor overridden waits for a retry.
-
-        Members that were not handed out with the batch (priority records, which live in
-        `ready` or have their own state; delayed ones, which have their own state) are skipped.
-        """
-        count, attempt, deadline, seg, pos = st[0], st[2], st[3], st[4], st[5]
-        self._drop_batch(first, deadline)
-        done = _DoneSet(self.txn, self.acks, self.g)
-        result = read(seg, pos, first, count)
-        for rseg, rec in result.records:
-            if rec.offset >= first + count:
-                break
-            if done.contains(rec.offset) or self.txn.get(self._key(rec.offset), db=self.state) is not None:
-                continue
-            if priorities and rec.attrs and rec.attrs.get(ATTR_PRIORITY):
-                continue
-            self._put_waiting(rec.offset, attempt, now, rseg, rec.pos)
-        for d in result.damage:
-            self.mark_done(d.first_offset, min(d.next_offset, first + count))
-
-
-def _prefixed(txn: lmdb.Transaction, db: Any, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
-    """Every (key, value) of `db` whose key starts with `prefix` (one group's records)."""
-    cur = txn.cursor(db=db)
-    if not cur.set_range(prefix):
-        return
-    for k, v in cur:
-        if k[:4] != prefix:
-            return
-        yield bytes(k), bytes(v)
-
-
-def _prefixed_items(txn: lmdb.Transaction, db: Any, prefix: bytes, *, below: int) -> Iterator[tuple[int, Any]]:
-    """(offset, decoded value) of one group's records with offsets below `below`."""
-    for k, v in _prefixed(txn, db, prefix):
-        offset = _OFF.unpack(k)[1]
-        if offset >= below:
-            return
-        yield offset, _unpack(v)
-
-
-def _due_ms(rec: Any, now_ms: int) -> int:
-    """When a record with a not-before attribute is due, in wall-clock ms (0 when it has none)."""
-    not_before = rec.attrs.get(ATTR_NOT_BEFORE) if rec.attrs else None
-    if not_before is None:
-        return 0
-    due = schedule.due_at(float(not_before), rec.timestamp_ns / 1e9, rec.attrs.get(ATTR_BOOT), now_ms / 1000)
-    return int(due * 1000)
 
 
 def _fsync_dir(path: str) -> None:

@@ -14,8 +14,9 @@ from typing import Any, final
 from . import layout, schedule
 from .consumer import Consumer, check_timeout
 from .errors import ClosedError, Empty, QueueError, RecordTooLargeError, SerializationError, TaskFailed
-from .index import Grant, GroupState, Index, is_unreadable
+from .index import Index, is_unreadable
 from .keys import Keys
+from .leases import Grant
 from .log import Log
 from .message import Message
 from .policy import FsyncPolicy
@@ -31,6 +32,7 @@ from .record import (
     encode_attrs,
 )
 from .serializers import Serializer, decoder, resolve
+from .tables import GroupState
 
 SEGMENT_BYTES = 64 << 20  # 64 MiB per segment file
 MAX_RECORD_BYTES = 16 << 20  # 16 MiB per payload
