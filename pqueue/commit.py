@@ -20,6 +20,13 @@ thread that joined meanwhile, and wakes its group. A failed fdatasync (or a fail
 segment roll) fails every append it should have covered, also those whose threads only ask
 later: after fsyncgate a later sync that succeeds proves nothing about them.
 
+A signal handler may raise in the main thread (Ctrl-C) wherever it is in here. Whatever it
+interrupts, nobody is left asleep and nobody is told a false success: the lead is passed on,
+a group taken but not yet told how it went wakes to an "interrupted" error, and whoever has
+the lead is known by `_leader` alone (never inferred from being woken). Python runs handlers
+after calls and at loop ends, so state that must change together changes without a call in
+between (tests/test_commit.py interrupts at random points).
+
 The log supplies the I/O (`write_group`, `capture`, `fdatasync`); this module owns only who
 waits for whom and what is known to be durable.
 """
@@ -46,7 +53,7 @@ class Waiter:
         self.record = record  # written by the leader; None: the thread only needs a sync
         self.seq = seq  # the append a sync must cover (set by the leader for its records)
         self.wake: threading.Lock | None = None  # a follower sleeps on it until the leader releases it
-        self.done = False  # False after waking: promoted to lead the next group
+        self.done = False  # its group's outcome is in `error` (False when woken: interrupted leader)
         self.offset = -1
         self.error: BaseException | None = None
 
@@ -84,7 +91,8 @@ class GroupCommit:
         self.synced_seq = 0  # every append up to this sequence is durable
         # The last failed sync: (durable sequence then, sequence it should have covered, error).
         self._failed: tuple[int, int, BaseException] | None = None
-        self._leading = False  # a leader is writing or syncing
+        self._leader: Waiter | None = None  # who leads (or was just handed the lead), if anyone
+        self._led: list[Waiter] = []  # the group the leader took and has not woken yet
         self._queued: list[Waiter] = []  # the group being formed, in arrival order
         self._group_size = 1  # waiters in the last group: how many the next leader waits for
         self._gather_want = 0  # a leader sleeps on _gathered until this many have joined
@@ -124,41 +132,74 @@ class GroupCommit:
             self._on_synced(seq)
 
     def _join(self, me: Waiter) -> None:
-        mu = self._mu
-        mu.acquire()
-        self._queued.append(me)
-        if self._leading:
-            if self._gather_want and len(self._queued) >= self._gather_want:
-                self._gather_want = 0
-                self._gathered.release()
-            wake = me.wake = threading.Lock()
-            wake.acquire()
-            mu.release()
-            wake.acquire()  # released when the leader is done with `me`, or to make it lead
-        else:
-            self._leading = True
-            mu.release()
-        if not me.done:
-            self._lead(me)
+        wake = threading.Lock()
+        wake.acquire()
+        try:
+            with self._mu:
+                self._queued.append(me)
+                if self._leader is None:
+                    self._leader = me
+                else:
+                    me.wake = wake
+                    if self._gather_want and len(self._queued) >= self._gather_want:
+                        self._gather_want = 0
+                        self._gathered.release()
+            if me.wake is not None:
+                wake.acquire()  # released when the leader is done with `me`, or hands it the lead
+            if self._leader is me:
+                self._lead(me)
+        except BaseException:
+            # A signal handler raised (KeyboardInterrupt) while this thread queued, slept or
+            # led: leave without stranding the others.
+            self._leave(me)
+            raise
+        if not me.done:  # woken by a leader that was interrupted before it could say how it went
+            raise self._fsync_failed(None)
         if me.error is not None:
             raise me.error
+
+    def _leave(self, me: Waiter) -> None:
+        """`me` gives up: out of the queue if still in it, and the lead passed on if it has it."""
+        with self._mu:
+            if me in self._queued:
+                self._queued.remove(me)  # never written
+            to_wake: list[Waiter] = []
+            if self._leader is me:
+                to_wake += self._led  # taken, never told how it went, never woken
+                self._led = []
+            self._hand_on(me, to_wake)
+        _wake([w for w in to_wake if w is not me])
+
+    def _hand_on(self, me: Waiter, to_wake: list[Waiter]) -> None:
+        """If `me` has the lead, pass it to the first queued waiter and add that one to `to_wake`.
+
+        The successor goes into a list rather than a return value: Python runs a signal
+        handler right after a call returns, before its value is stored, and a successor lost
+        that way would sleep for ever.
+        """
+        if self._leader is me:
+            self._leader = successor = self._queued[0] if self._queued else None
+            if successor is not None:
+                to_wake.append(successor)
 
     def _lead(self, me: Waiter) -> None:
         """Write and sync everything queued, then end the group."""
         group: list[Waiter] = []
-        write_error: Exception | None = None
+        write_error: QueueError | OSError | None = None
         sync_error: BaseException | None = None
         target = -1  # stays -1 if something unforeseen escapes: the group then fails
         try:
             self._gather()
             with self._mu:
-                group, self._queued = self._queued, []
+                # No call in between: a signal handler cannot run between the two.
+                group = self._led = self._queued
+                self._queued = []
             records = [w for w in group if w.record is not None]
             synced = None
             if records:
                 try:
                     synced = self._write_group(records)
-                except Exception as exc:  # the group's writers get it; sync-only waiters still sync
+                except (QueueError, OSError) as exc:  # the group's writers get it; the others still sync
                     write_error = exc
             if synced is not None:
                 target, sync_error = self._fdatasync(*synced)
@@ -183,38 +224,59 @@ class GroupCommit:
             else:
                 self._gathered.acquire(blocking=False)  # released: hold it for the next leader
 
-    def _end(self, me: Waiter, group: list[Waiter], target: int, write_error: Exception | None,
+    def _end(self, me: Waiter, group: list[Waiter], target: int, write_error: QueueError | OSError | None,
              sync_error: BaseException | None) -> None:
         """Publish what the group's sync covered, hand the lead on, wake the group."""
-        with self._mu:
-            if sync_error is not None:
-                self._failed = (self.synced_seq, target, sync_error)
-            elif target >= 0:
-                self._set_synced(target)
-            failed = self._failed
-            self._group_size = len(group)
-            successor = self._queued[0] if self._queued else None
-            if successor is None:
-                self._leading = False
-        for w in group:
-            if w.record is not None and write_error is not None:
-                # One exception object raised in several threads would mix their tracebacks.
-                w.error = copy.copy(write_error)
-                w.error.__cause__ = write_error.__cause__
-            elif sync_error is not None or target < 0:
-                w.error = self._fsync_failed(sync_error)
-            elif failed is not None and failed[0] < w.seq <= failed[1]:
-                w.error = self._fsync_failed(failed[2])  # a roll's fsync of the old segment failed
-            w.done = True
-            if w is not me:
-                assert w.wake is not None
-                w.wake.release()
-        if successor is not None:
-            assert successor.wake is not None
-            successor.wake.release()
+        if not group:
+            return  # interrupted before taking a group: `_leave` passes the lead on
+        to_wake = [w for w in group if w is not me]
+        try:
+            with self._mu:
+                self._led = []
+                self._hand_on(me, to_wake)
+                if sync_error is not None:
+                    self._failed = (self.synced_seq, target, sync_error)
+                elif target >= 0:
+                    self._set_synced(target)
+                failed = self._failed
+                self._group_size = len(group)
+                for w in group:
+                    if w.record is not None and write_error is not None:
+                        # One exception object raised in several threads would mix their tracebacks.
+                        w.error = copy.copy(write_error)
+                        w.error.__cause__ = write_error.__cause__
+                    elif sync_error is not None or target < 0:
+                        w.error = self._fsync_failed(sync_error)
+                    elif failed is not None and failed[0] < w.seq <= failed[1]:
+                        w.error = self._fsync_failed(failed[2])  # a roll's fsync of the old segment failed
+                    else:
+                        w.error = None
+                    w.done = True  # an interrupt before this: the waiter reports a failure
+        finally:
+            _wake(to_wake)
 
     def _fsync_failed(self, cause: BaseException | None) -> QueueError:
         error = QueueError(f"{self._log_dir}: fsync failed, the record may not be durable: "
                            f"{cause or 'the syncing thread was interrupted'}")
         error.__cause__ = cause
         return error
+
+
+def _wake(waiters: list[Waiter]) -> None:
+    """Release each waiter's lock, even if a signal handler raises partway (Ctrl-C)."""
+    try:
+        for w in waiters:
+            _release(w)
+    finally:
+        for w in waiters:  # after an interrupt: the rest (a second release is harmless)
+            _release(w)
+
+
+def _release(w: Waiter) -> None:
+    lock = w.wake
+    if lock is not None:  # None: the leader itself, interrupted while queueing, or released
+        try:
+            lock.release()
+        except RuntimeError:
+            pass  # "release unlocked lock": released already, by an interrupted first try
+        w.wake = None

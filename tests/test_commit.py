@@ -7,6 +7,8 @@ is checked where it is decided, with I/O that records what was written and synce
 
 from __future__ import annotations
 
+import random
+import signal
 import threading
 import time
 
@@ -154,3 +156,69 @@ def test_a_failed_write_fails_each_writer_with_its_own_error_object() -> None:
     assert len(errors) == 4, "the group queued during the slow sync is written (and fails) together"
     assert len({id(e) for e in errors}) == len(errors)
     assert m.group.append((1, b"", b"after")) >= 0
+
+
+class Interrupted(Exception):
+    """What the test's SIGALRM handler raises, as Ctrl-C raises KeyboardInterrupt."""
+
+
+def test_a_signal_in_a_waiting_or_leading_thread_strands_nobody() -> None:
+    """A signal handler raises in the main thread (Ctrl-C) wherever it lands in the group
+    commit: asleep as a follower, just handed the lead, gathering, syncing, waking its group.
+    The main thread leaves; the other threads never hang and never see a false success (a
+    group whose leader was interrupted fails with "interrupted")."""
+    m = MemoryLog(sync_seconds=0.001)
+    stop = threading.Event()
+    returned: list[int] = []
+    failed: list[str] = []
+    lock = threading.Lock()
+
+    def background() -> None:
+        while not stop.is_set():
+            try:
+                off = m.group.append((1, b"", b"bg"))
+            except QueueError as exc:  # its group's leader was the interrupted main thread
+                failed.append(str(exc))
+                continue
+            with lock:
+                returned.append(off)
+
+    def raise_interrupted(signum: int, frame: object) -> None:
+        raise Interrupted
+
+    threads = [threading.Thread(target=background) for _ in range(4)]
+    for t in threads:
+        t.start()
+    old = signal.signal(signal.SIGALRM, raise_interrupted)
+    rng = random.Random(7)
+    interrupted = 0
+    try:
+        for _ in range(40):
+            signal.setitimer(signal.ITIMER_REAL, rng.uniform(0.0001, 0.003))
+            try:
+                while True:
+                    off = m.group.append((1, b"", b"main"))
+                    with lock:
+                        returned.append(off)
+            except Interrupted:
+                interrupted += 1
+            with lock:
+                before = len(returned)
+            deadline = time.monotonic() + 10
+            while True:  # the others still commit
+                with lock:
+                    if len(returned) > before + 4:
+                        break
+                assert time.monotonic() < deadline, "the group commit stalled after an interrupt"
+                time.sleep(0.001)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
+    assert interrupted == 40
+    assert not any(t.is_alive() for t in threads), "a thread hung in the group commit"
+    assert len(set(returned)) == len(returned)
+    assert all("interrupted" in e for e in failed), failed[:3]
+    m.group.append((1, b"", b"after"))
