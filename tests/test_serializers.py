@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -84,3 +86,51 @@ def test_pickle_records_never_unpickle_without_asking(tmp_path: Path) -> None:
     with pqueue.Queue(tmp_path / "q") as q:
         with pytest.raises(pqueue.SerializationError, match="serializer='pickle'"):
             q.get(timeout=1)
+
+
+class SlowItems(dict):  # type: ignore[type-arg]
+    """A dict subclass whose items() is Python code: msgpack calls it mid-pack."""
+
+    def items(self) -> Any:
+        time.sleep(0.0005)  # gives the GIL to another thread in the middle of a pack
+        return super().items()
+
+
+def test_msgpack_never_interleaves_two_packs() -> None:
+    """One thread packs a dict subclass (Python runs mid-pack) while another packs plain
+    dicts: every output decodes to what was packed. A single shared Packer interleaved the two
+    into garbage that a record's CRC would then have vouched for."""
+    codec = resolve("msgpack")
+    bad: list[bytes] = []
+
+    def slow() -> None:
+        for i in range(100):
+            out = codec.dumps(SlowItems(i=i, pad="a" * 40))
+            if codec.loads(out) != {"i": i, "pad": "a" * 40}:
+                bad.append(out)
+
+    def fast() -> None:
+        for i in range(5000):
+            out = codec.dumps({"j": i, "list": list(range(10))})
+            if codec.loads(out) != {"j": i, "list": list(range(10))}:
+                bad.append(out)
+
+    threads = [threading.Thread(target=slow), threading.Thread(target=fast)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert bad == []
+
+
+def test_msgpack_pack_reentered_from_python_code_mid_pack() -> None:
+    """Python code that runs mid-pack (a subclass's items(), a finalizer, a signal handler)
+    and packs too, in the same thread, gets its own Packer."""
+    codec = resolve("msgpack")
+
+    class Reenter(dict):  # type: ignore[type-arg]
+        def items(self) -> Any:
+            assert codec.loads(codec.dumps({"inner": [1, 2, 3]})) == {"inner": [1, 2, 3]}
+            return super().items()
+
+    assert codec.loads(codec.dumps({"outer": Reenter(a=1)})) == {"outer": {"a": 1}}
