@@ -16,7 +16,7 @@ from typing import Any, Protocol, runtime_checkable
 import msgpack
 
 from .errors import SerializationError
-from .record import CODEC_CUSTOM, CODEC_JSON, CODEC_MSGPACK, CODEC_PICKLE, CODEC_RAW
+from .record import CODEC_CUSTOM, CODEC_JSON, CODEC_MSGPACK, CODEC_PICKLE, CODEC_RAW, msgpack_packer
 
 
 @runtime_checkable
@@ -51,29 +51,10 @@ def _json_dumps(obj: Any) -> bytes:
 
 
 def _msgpack_codec() -> Codec:
-    # A reused Packer halves the encode cost (notes/hotpath.md: 197 vs 399 ns), but one Packer
-    # must never serve two calls at once: packing a dict subclass runs its Python items(),
-    # during which another thread (or a signal handler, or a finalizer) may pack too, and a
-    # shared buffer would interleave the two into garbage with a valid CRC. So each call takes
-    # a Packer from a free list (pop and append are atomic) and makes a new one if none is free.
-    free = [msgpack.Packer(use_bin_type=True, datetime=False).pack]
-    pop, push = free.pop, free.append
-
-    def dumps(obj: Any) -> bytes:
-        try:
-            pack = pop()
-        except IndexError:
-            pack = msgpack.Packer(use_bin_type=True, datetime=False).pack
-        try:
-            data: bytes = pack(obj)
-            return data
-        finally:
-            push(pack)
-
     def loads(data: bytes) -> Any:
         return msgpack.unpackb(data, raw=False, strict_map_key=False)
 
-    return Codec("msgpack", CODEC_MSGPACK, dumps, loads)
+    return Codec("msgpack", CODEC_MSGPACK, msgpack_packer(datetime=False), loads)
 
 
 def _builtin_loads(codec: int) -> Callable[[bytes], Any] | None:

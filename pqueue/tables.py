@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 
+from .record import msgpack_packer
+
 if TYPE_CHECKING:  # annotations only: index.py is the only module that opens LMDB
     import lmdb
 
@@ -25,12 +27,7 @@ DUE = struct.Struct(">IQcQ")  # gid, time ms, kind (B batch / S single), offset
 U64 = struct.Struct(">Q")
 RP = struct.Struct(">QQQ")
 READY = struct.Struct(">IBQ")  # gid, 255 - priority level, offset
-_packer = msgpack.Packer(use_bin_type=True)
-
-
-def pack_value(obj: Any) -> bytes:
-    data: bytes = _packer.pack(obj)
-    return data
+pack_value = msgpack_packer()
 
 
 def unpack_value(data: Any) -> Any:
