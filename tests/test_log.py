@@ -57,6 +57,15 @@ def test_roll_seals_and_names_the_next_segment_by_offset(qpath: Path) -> None:
     assert read_all(qpath) == [b"x" * 300] * 30
 
 
+def _run_threads(target: Any, n: int) -> None:
+    threads = [threading.Thread(target=target, args=(t,)) for t in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+        assert not t.is_alive(), "a thread hung in the group commit"
+
+
 def test_group_commit_many_threads_always(qpath: Path) -> None:
     """With fsync=always, concurrent puts from 8 threads all land, with unique offsets."""
     with pqueue.Queue(qpath, fsync="always") as q:
@@ -69,24 +78,11 @@ def test_group_commit_many_threads_always(qpath: Path) -> None:
                 with lock:
                     offsets.append(off)
 
-        threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        _run_threads(work, 8)
         assert sorted(offsets) == list(range(400))
         assert q._log._group.synced_seq == q._log._seq  # every returned put was covered by an fsync
     got = read_all(qpath)
     assert sorted(map(tuple, got)) == sorted((t, i) for t in range(8) for i in range(50))
-
-
-def _run_threads(target: Any, n: int) -> None:
-    threads = [threading.Thread(target=target, args=(t,)) for t in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-        assert not t.is_alive(), "a thread hung in the group commit"
 
 
 def test_group_commit_shares_one_write_and_one_fsync(qpath: Path, monkeypatch: pytest.MonkeyPatch) -> None:
