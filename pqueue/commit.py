@@ -143,7 +143,10 @@ class GroupCommit:
                     me.wake = wake
                     if self._gather_want and len(self._queued) >= self._gather_want:
                         self._gather_want = 0
-                        self._gathered.release()
+                        try:
+                            self._gathered.release()
+                        except RuntimeError:
+                            pass  # already released: a Ctrl-C cut the last gather short
             if me.wake is not None:
                 wake.acquire()  # released when the leader is done with `me`, or hands it the lead
             if self._leader is me:
