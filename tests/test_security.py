@@ -189,12 +189,20 @@ def test_unprivileged_user_can_create_a_queue(tmp_path: Path) -> None:
 
     if os.geteuid() != 0 or shutil.which("setpriv") is None:
         pytest.skip("needs root and setpriv to switch to an unprivileged user")
-    site = [p for p in sys.path if p.endswith("site-packages")]
-    repo = str(Path(pqueue.__file__).resolve().parent.parent)
+    import importlib
     import tempfile
 
-    # Not under tmp_path: pytest's base directory is 0700 root, which nobody can enter.
+    # Not under tmp_path: pytest's base directory is 0700 root, which nobody can enter. The
+    # checkout and its venv may be just as closed (a clone in a mktemp directory), so pqueue
+    # and its runtime dependencies are copied where the unprivileged user can read them.
     home = Path(tempfile.mkdtemp(prefix="pqueue-nobody-", dir="/tmp"))
+    lib = home / "lib"
+    for name in ("pqueue", "lmdb", "msgpack", "crc32c", "filelock"):
+        package = Path(importlib.import_module(name).__file__ or "").resolve().parent
+        shutil.copytree(package, lib / name, ignore=shutil.ignore_patterns("__pycache__"))
+        for metadata in package.parent.glob(f"{name}-*.dist-info"):  # crc32c reads its version
+            shutil.copytree(metadata, lib / metadata.name)
+    os.chmod(home, 0o755)
     os.chown(home, 65534, 65534)
     code = ("import pqueue\n"
             f"with pqueue.Queue({str(home / 'q')!r}, fsync='always') as q:\n"
@@ -202,7 +210,7 @@ def test_unprivileged_user_can_create_a_queue(tmp_path: Path) -> None:
             "    m = q.get(timeout=1); q.ack(m); q.flush()\n"
             "print('ok')\n")
     r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", os.path.realpath(sys.executable),
-                        "-c", code], env={"PYTHONPATH": os.pathsep.join([repo, *site])}, capture_output=True,
+                        "-c", code], env={"PYTHONPATH": str(lib)}, cwd=home, capture_output=True,
                        text=True, timeout=60)
     shutil.rmtree(home, ignore_errors=True)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-1500:]
