@@ -13,6 +13,7 @@ import types
 from pathlib import Path
 
 import pytest
+from helpers import drain, flip
 
 import pqueue
 import pqueue.inspect as pi
@@ -32,14 +33,6 @@ def make(path: Path, items: list[object], **kwargs: object) -> None:
     with pqueue.Queue(path, **kwargs) as q:  # type: ignore[arg-type]
         for item in items:
             q.put(item)
-
-
-def flip(path: str, pos: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(pos)
-        byte = f.read(1)
-        f.seek(pos)
-        f.write(bytes([byte[0] ^ 0xFF]))
 
 
 def tree(path: Path) -> list[tuple[str, int, int]]:
@@ -118,14 +111,7 @@ def test_repair_moves_damage_to_quarantine_and_keeps_the_rest(qpath: Path) -> No
     kept = sorted(os.listdir(qpath / "quarantine"))
     assert kept[0].startswith("00000000000000000000.seg.") and kept[1].endswith(".tail")
     with pqueue.Queue(qpath) as q:
-        got = []
-        while True:
-            try:
-                m = q.get(timeout=0.05)
-            except pqueue.Empty:
-                break
-            got.append(m.data["n"])
-            m.ack()
+        got = [m.data["n"] for m in drain(q)]
     assert got == [i for i in range(299) if i != 5]  # only the damaged record and the torn one are gone
     assert run("verify", str(qpath)).returncode == 0
 

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import read_all
 
 import pqueue
 
@@ -97,20 +98,6 @@ def _kill_after(proc: subprocess.Popen[str], lines: int, *, prefix: str = "") ->
     return [line.rstrip("\n") for line in seen if line.endswith("\n")]
 
 
-def _read_all(q: pqueue.Queue, group: str) -> dict[int, object]:
-    """Every record from the oldest on, through a fresh consumer group: {offset: data}."""
-    c = q.consumer(group)
-    out: dict[int, object] = {}
-    while True:
-        try:
-            m = c.get(timeout=0)
-        except pqueue.Empty:
-            return out
-        assert m.offset not in out
-        out[m.offset] = m.data
-        m.ack()
-
-
 def _producer_rounds(path: Path, fsync: str, rounds: int, seed: int, segment_bytes: int, pad: int,
                      max_lines: int) -> None:
     rng = random.Random(seed)
@@ -128,7 +115,7 @@ def _producer_rounds(path: Path, fsync: str, rounds: int, seed: int, segment_byt
             n = puts[-1][1] + 2  # the put after the last report may have happened too
         with pqueue.Queue(path, fsync=fsync, segment_bytes=segment_bytes) as q:
             q.consumer("pin")  # a group that never reads keeps every segment (no retention)
-            log = _read_all(q, f"check{r}")
+            log = read_all(q, f"check{r}")
         offsets = sorted(log)
         assert offsets == list(range(len(offsets))), "offsets are consecutive from 0"
         for off, data in returned.items():
@@ -142,7 +129,7 @@ def _producer_rounds(path: Path, fsync: str, rounds: int, seed: int, segment_byt
             assert off == len(offsets)
             returned[off] = {"n": -1 - r, "pad": ""}
         with pqueue.Queue(path, fsync=fsync, segment_bytes=segment_bytes) as q:
-            assert _read_all(q, f"again{r}")[off] == {"n": -1 - r, "pad": ""}
+            assert read_all(q, f"again{r}")[off] == {"n": -1 - r, "pad": ""}
 
 
 @pytest.mark.parametrize("fsync", ["always", "never", "interval"])
@@ -266,7 +253,7 @@ def test_two_producers_killed_while_sharing_the_append_lock(tmp_path: Path) -> N
                 returned[off] = {"n": i, "pad": "x" * (i * 7 % 300)}
         with pqueue.Queue(path, segment_bytes=4096) as q:
             q.consumer("pin")  # keeps every segment
-            log = _read_all(q, f"check{r}")
+            log = read_all(q, f"check{r}")
         assert sorted(log) == list(range(len(log))), "offsets are consecutive from 0"
         for off, data in returned.items():
             assert log[off] == data, f"returned put at {off} lost"

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 from crc32c import crc32c
+from helpers import drain
 
 import pqueue
 from pqueue.record import encode_record
@@ -41,14 +42,7 @@ def _open(path: Path, **kw: object) -> pqueue.Queue:
 
 def _drain(c: pqueue.Queue | pqueue.Consumer, *, timeout: float = 0.0) -> list[tuple[int, bytes]]:
     """Get and ack everything a consumer can deliver now; (offset, data) in delivery order."""
-    out: list[tuple[int, bytes]] = []
-    while True:
-        try:
-            m = c.get(timeout=timeout)
-        except pqueue.Empty:
-            return out
-        out.append((m.offset, m.data))
-        m.ack()
+    return [(m.offset, m.data) for m in drain(c, timeout=timeout)]
 
 
 def _segments(path: Path) -> list[Path]:

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+from helpers import flip
 
 import pqueue
 import pqueue.inspect as pi
@@ -23,14 +24,6 @@ def make(path: Path, n: int, **kwargs: object) -> None:
 
 def entries(path: Path) -> list[pi.Entry]:
     return [e for e in pi.records(path) if isinstance(e, pi.Entry)]
-
-
-def flip(path: str, pos: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(pos)
-        byte = f.read(1)
-        f.seek(pos)
-        f.write(bytes([byte[0] ^ 0xFF]))
 
 
 def snapshot(path: Path) -> dict[str, int]:

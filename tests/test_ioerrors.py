@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import helpers
 import pytest
 from plfs_util import drain, plfs_run, read_ledger, require_plfs, returned_puts, wait_ledger
 
@@ -204,14 +205,8 @@ def test_real_full_disk(small_fs: Path) -> None:
         filler.unlink()  # free space
         after = q.put({"i": 99999, "pad": ""})
         assert after > max(returned)
-        c = q.consumer("check")
-        while True:
-            try:
-                m = c.get(timeout=0.2)
-            except pqueue.Empty:
-                break
+        for m in helpers.drain(q.consumer("check"), timeout=0.2):
             seen[m.offset] = m.data["i"]
-            c.ack(m)
     finally:
         q.close()
     assert {off: seen.get(off) for off in returned} == returned

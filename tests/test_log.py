@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import drain
 
 import pqueue
 from pqueue import segment
@@ -23,14 +24,7 @@ def segments(path: Path) -> list[str]:
 
 def read_all(path: Path) -> list[Any]:
     with pqueue.Queue(path) as q:
-        out = []
-        while True:
-            try:
-                m = q.get(timeout=0.05)
-            except pqueue.Empty:
-                return out
-            out.append(m.data)
-            m.ack()
+        return [m.data for m in drain(q)]
 
 
 def test_new_segment_has_header_and_name(qpath: Path) -> None:

@@ -12,6 +12,8 @@ import warnings
 from collections import Counter
 from pathlib import Path
 
+from helpers import read_all
+
 import pqueue
 
 PRODUCER = r"""
@@ -54,19 +56,6 @@ def _finish(proc: subprocess.Popen[str]) -> str:
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     return out
-
-
-def _read_all(q: pqueue.Queue, group: str) -> dict[int, object]:
-    c = q.consumer(group)
-    out: dict[int, object] = {}
-    while True:
-        try:
-            m = c.get(timeout=0)
-        except pqueue.Empty:
-            return out
-        assert m.offset not in out
-        out[m.offset] = m.data
-        m.ack()
 
 
 def test_three_producers_and_consumers_in_two_groups_deliver_exactly_once(tmp_path: Path) -> None:
@@ -183,7 +172,7 @@ def test_handle_used_in_forked_child(tmp_path: Path) -> None:
     total = 50 + 2 * n + len(burst)
     assert len(expected) == total  # no offset handed out twice
     with pqueue.Queue(path) as q2:
-        log = _read_all(q2, "verify")
+        log = read_all(q2, "verify")
         counts = q2._index.counts("verify")  # no public stats yet: damage the read skipped
         assert counts is not None and counts.damaged == 0
     assert sorted(log) == list(range(total))
@@ -219,7 +208,7 @@ def test_threads_on_several_handles_group_commit(tmp_path: Path) -> None:
     offsets = [o for offs in results.values() for o in offs]
     assert len(set(offsets)) == len(offsets) == n_threads * n
     with pqueue.Queue(path) as q:
-        log = _read_all(q, "verify")
+        log = read_all(q, "verify")
     assert sorted(log) == list(range(n_threads * n))
     for t, offs in results.items():
         assert offs == sorted(offs)

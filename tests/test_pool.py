@@ -23,6 +23,7 @@ from typing import Any
 
 import pool_worker
 import pytest
+from helpers import drain
 
 import pqueue
 from pqueue.consumer import PREFETCH_MAX
@@ -53,18 +54,6 @@ def wait_pool(pool: pqueue.ConsumerPool, predicate: Callable[[], bool], timeout:
 
 def drained(pool: pqueue.ConsumerPool) -> bool:
     return pool._lag() == 0 and pool._busy == 0
-
-
-def dlq_messages(q: pqueue.Queue) -> list[pqueue.Message]:
-    out: list[pqueue.Message] = []
-    dlq = q.dead_letters
-    while True:
-        try:
-            m = dlq.get(timeout=0)
-        except pqueue.Empty:
-            return out
-        out.append(m)
-        m.ack()
 
 
 # --------------------------------------------------------------------------- API and policies
@@ -197,7 +186,7 @@ def test_step_dead_letters_a_crash_looper_without_running_it(pq: pqueue.Queue) -
     pool = pqueue.ConsumerPool(pq, called.append, max_attempts=2)
     assert pool._step(0.0)
     assert called == [] and pq.status(off) == "dead"
-    [dead] = dlq_messages(pq)
+    [dead] = drain(pq.dead_letters, timeout=0)
     assert dead.data == {"job": "poison"}
     assert dead.meta["reason"] == "max_attempts" and dead.meta["attempts"] == 3 and dead.meta["offset"] == off
     pool.stop()
@@ -215,7 +204,7 @@ def test_step_reject_dead_letters_at_once(pq: pqueue.Queue) -> None:
     pool = pqueue.ConsumerPool(pq, handler, max_attempts=5)
     assert pool._step(0.0)
     assert calls == [1] and pq.status(off) == "dead" and pq.qsize() == 0
-    [dead] = dlq_messages(pq)
+    [dead] = drain(pq.dead_letters, timeout=0)
     assert dead.data == {"order": 7}
     assert dead.meta["reason"] == "rejected" and dead.meta["error_type"] == "Reject"
     assert dead.meta["error"] == "no such customer" and dead.meta["group"] == "default"
@@ -297,7 +286,7 @@ def test_max_attempts_then_dead_letter_with_metadata(pq: pqueue.Queue) -> None:
     with pqueue.ConsumerPool(pq, handler, max_attempts=3, backoff=FAST) as pool:
         wait_pool(pool, lambda: drained(pool))
     assert calls == [1, 2, 3] and pq.status(off) == "dead" and pq.qsize() == 0
-    [dead] = dlq_messages(pq)
+    [dead] = drain(pq.dead_letters, timeout=0)
     assert dead.data == {"x": 1}
     meta = dead.meta
     assert (meta["offset"], meta["group"], meta["attempts"], meta["reason"]) == (off, "default", 3, "max_attempts")
@@ -560,7 +549,7 @@ def test_sigkill_at_random_points_loses_nothing(tmp_path: Path) -> None:
             pool._consumer.reclaim_dead()  # type: ignore[union-attr]
             wait_pool(pool, lambda: drained(pool), timeout=30)
         assert q.qsize() == 0
-        assert dlq_messages(q) == []
+        assert drain(q.dead_letters, timeout=0) == []
     handled = [row[0] for row in pool_worker.read_ledger(ledger)]
     assert set(handled) == set(range(n))
     # A kill can redeliver only what the dead process had leased: the consumer's prefetch batch
@@ -593,7 +582,7 @@ def test_poison_task_that_kills_the_process_reaches_the_dlq(tmp_path: Path) -> N
     assert crashes == max_attempts
     with pqueue.Queue(path) as q:
         assert q.qsize() == 0
-        dead = dlq_messages(q)
+        dead = drain(q.dead_letters, timeout=0)
     assert [m.data["i"] for m in dead] == [5]
     assert dead[0].meta["reason"] == "max_attempts" and dead[0].meta["attempts"] == max_attempts + 1
     assert set(row[0] for row in pool_worker.read_ledger(ledger)) == set(range(30)) - {5}

@@ -9,20 +9,9 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import drain
 
 import pqueue
-
-
-def drain(q: pqueue.Queue | pqueue.Consumer, *, ack: bool = True) -> list[pqueue.Message]:
-    out = []
-    while True:
-        try:
-            m = q.get(timeout=0.05)
-        except pqueue.Empty:
-            return out
-        out.append(m)
-        if ack:
-            m.ack()
 
 
 def test_put_returns_consecutive_offsets_and_survives_reopen(q: pqueue.Queue, qpath: Path) -> None:

@@ -10,20 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import drain
 
 import pqueue
-
-
-def drain(q: pqueue.Queue | pqueue.Consumer, timeout: float = 0.05) -> list[pqueue.Message]:
-    out = []
-    while True:
-        try:
-            m = q.get(timeout=timeout)
-        except pqueue.Empty:
-            return out
-        out.append(m)
-        m.ack()
-
 
 # ---------------------------------------------------------------- byte cap
 
@@ -56,7 +45,7 @@ def test_cap_block_waits_for_consumers_then_times_out(qpath: Path) -> None:
         assert time.monotonic() - start >= 0.2
         with pytest.raises(pqueue.Full):
             q.put_nowait(b"y" * 1000)
-        consumer = threading.Thread(target=drain, args=(q, 0.5))
+        consumer = threading.Thread(target=drain, args=(q,), kwargs={"timeout": 0.5})
         consumer.start()
         off = q.put(b"fits once acked", timeout=10)
         consumer.join()
