@@ -69,14 +69,20 @@ def _open_ledger(ledger_dir: str, name: str) -> int:
     return os.open(os.path.join(ledger_dir, name), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
 
 
-def _producer(qpath: str, ledger_dir: str, slot: int, gen: int, seed: int) -> None:
+def _open_role(qpath: str, ledger_dir: str, ledger: str, seed: int) -> tuple[Any, int, str, random.Random, float]:
+    """What every role does first: pick its fsync mode from `seed`, open its ledger, open the
+    queue (timed from here: the first report says how long recovery took)."""
     import pqueue
 
     started = time.monotonic()
     rng = random.Random(seed)
     fsync = rng.choice(FSYNC_MODES)
-    fd = _open_ledger(ledger_dir, f"p{slot}-{gen}.log")
-    q = pqueue.Queue(qpath, fsync=fsync, segment_bytes=SEGMENT_BYTES)
+    fd = _open_ledger(ledger_dir, ledger)
+    return pqueue.Queue(qpath, fsync=fsync, segment_bytes=SEGMENT_BYTES), fd, fsync, rng, started
+
+
+def _producer(qpath: str, ledger_dir: str, slot: int, gen: int, seed: int) -> None:
+    q, fd, fsync, rng, started = _open_role(qpath, ledger_dir, f"p{slot}-{gen}.log", seed)
     n = 0
     first = True
     while True:
@@ -109,11 +115,7 @@ def _consumer(qpath: str, ledger_dir: str, slot: int, gen: int, seed: int, *, dr
     import pqueue
 
     signal.signal(signal.SIGTERM, _on_term)
-    started = time.monotonic()
-    rng = random.Random(seed)
-    fsync = rng.choice(FSYNC_MODES)
-    fd = _open_ledger(ledger_dir, f"c{slot}-{gen}.log")
-    q = pqueue.Queue(qpath, fsync=fsync, segment_bytes=SEGMENT_BYTES)
+    q, fd, fsync, rng, started = _open_role(qpath, ledger_dir, f"c{slot}-{gen}.log", seed)
     first = True
     last_flush = time.monotonic()
     unflushed = 0
@@ -168,11 +170,7 @@ def _pool_consumer(qpath: str, ledger_dir: str, slot: int, gen: int, seed: int, 
     import pqueue
 
     signal.signal(signal.SIGTERM, _on_term)
-    started = time.monotonic()
-    rng = random.Random(seed)
-    fsync = rng.choice(FSYNC_MODES)
-    fd = _open_ledger(ledger_dir, f"c{slot}-{gen}.log")
-    q = pqueue.Queue(qpath, fsync=fsync, segment_bytes=SEGMENT_BYTES)
+    q, fd, fsync, rng, started = _open_role(qpath, ledger_dir, f"c{slot}-{gen}.log", seed)
     last = [time.monotonic()]
 
     def handler(m: Any) -> None:
