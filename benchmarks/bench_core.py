@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
-import json
 import os
 import pstats
 import struct
@@ -33,6 +32,7 @@ from crc32c import crc32c
 
 import pqueue
 from benchmarks.common import add_common_args, make_item, median, perf_ns, scratch
+from benchmarks.report import write_json
 
 _BODY = struct.Struct("<IQQBBH")
 _CRC = struct.Struct("<I")
@@ -119,7 +119,7 @@ def _threads_rate(q: pqueue.Queue, threads: int, seconds: float) -> tuple[float,
     go = threading.Barrier(threads + 1)
     real_fdatasync = os.fdatasync
 
-    def counting_fdatasync(fd: int) -> None:
+    def counting_fdatasync(fd: Any) -> None:
         syncs[0] += 1
         real_fdatasync(fd)
 
@@ -261,9 +261,7 @@ def main() -> None:
     from benchmarks.report import core_text
 
     print(core_text(res))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
+    write_json(res, args.json)
 
 
 if __name__ == "__main__":

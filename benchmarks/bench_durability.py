@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
@@ -29,6 +28,7 @@ from typing import Any
 from benchmarks import contenders
 from benchmarks.common import REPO, scratch
 from benchmarks.procs import first_line, kill9, run_json, spawn
+from benchmarks.report import write_json
 
 SYNC_CALLS = "fsync,fdatasync,msync,sync_file_range,syncfs,sync"
 PUTS = 100
@@ -116,9 +116,7 @@ def main() -> None:
     from benchmarks.report import durability_table
 
     print(durability_table(res))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
+    write_json(res, args.json)
 
 
 if __name__ == "__main__":

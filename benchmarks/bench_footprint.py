@@ -8,13 +8,13 @@ message (allocated blocks of the whole directory ÷ N).
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
 from benchmarks import contenders
 from benchmarks.bench_getack import fill
 from benchmarks.common import add_common_args, dir_bytes, scratch
 from benchmarks.procs import run_json
+from benchmarks.report import write_json
 
 
 def point(name: str, backlog: int, size: int, budget: float) -> dict[str, Any]:
@@ -48,9 +48,7 @@ def main() -> None:
     from benchmarks.report import footprint_table
 
     print(footprint_table(res))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
+    write_json(res, args.json)
 
 
 if __name__ == "__main__":

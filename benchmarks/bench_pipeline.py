@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -15,6 +14,7 @@ from typing import Any
 
 import pqueue
 from benchmarks.common import REPO, add_common_args, make_item, median, pct, scratch
+from benchmarks.report import write_json
 
 # The worker for the round-trip test: a pool with results=True that answers until killed.
 RESULT_WORKER = """
@@ -89,9 +89,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"plain pool {out['plain_pool_msgs_s']:,.0f} tasks/s; stage with output= {out['stage_msgs_s']:,.0f} "
           f"tasks/s; ratio {out['stage_x_plain']:.3f} (median of {args.rounds} paired rounds)")
     print("result() round trip across processes: " + ", ".join(f"{k} {v:,.0f}" for k, v in trips.items()))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+    write_json(out, args.json)
     return out
 
 

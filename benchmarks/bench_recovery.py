@@ -21,6 +21,7 @@ from benchmarks import contenders
 from benchmarks.common import add_common_args, dir_bytes, median, perf_ns, scratch
 from benchmarks.procs import first_line, kill9, run_json, spawn
 from benchmarks.rawlog import scan_file
+from benchmarks.report import write_json
 
 MB = 1_000_000
 TAIL_BYTES = 1 * MB  # the unsynced tail left behind in the "1 MB tail" series
@@ -87,9 +88,7 @@ def main() -> None:
     from benchmarks.report import recovery_table
 
     print(recovery_table(res))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
+    write_json(res, args.json)
 
 
 if __name__ == "__main__":

@@ -9,13 +9,13 @@ the plain put is taken per round and its median reported.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from collections.abc import Callable
 from typing import Any
 
 import pqueue
 from benchmarks.common import add_common_args, make_item, median, rounds_order, scratch, summarize, timed_loop
+from benchmarks.report import write_json
 
 Variant = Callable[[pqueue.Queue, int, dict[str, Any]], object]
 VARIANTS: dict[str, Variant] = {
@@ -56,9 +56,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         p99 = median([rnd[name]["p99_us"] for rnd in rounds])
         out["rows"][name] = {"msgs_s": rate, "x_plain": ratio, "p50_us": p50, "p99_us": p99}
         print(f"{name:10} {rate:>10,.0f} {ratio:>8.3f} {p50:>8.1f} {p99:>8.1f}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+    write_json(out, args.json)
     return out
 
 

@@ -69,9 +69,15 @@ def print_table(res: dict[str, Any]) -> None:
 def emit(res: dict[str, Any], json_path: str | None) -> None:
     """What a scenario module run on its own prints, and the JSON it writes with --json."""
     print_table(res)
+    write_json(res, json_path)
+
+
+def write_json(res: dict[str, Any], json_path: str | None) -> None:
+    """Write a scenario module's result to its --json path, if it was given one."""
     if json_path:
         with open(json_path, "w") as f:
             json.dump(res, f, indent=1)
+
 
 def recovery_table(res: dict[str, Any]) -> str:
     if not any(res["series"].values()):
