@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pqueue
 
 
@@ -27,10 +29,10 @@ def read_all(q: pqueue.Queue, group: str) -> dict[int, object]:
     return out
 
 
-def flip(path: str, pos: int) -> None:
-    """Invert the byte at `pos` of the file at `path` (bit rot)."""
+def flip(path: str | os.PathLike[str], pos: int, mask: int = 0xFF) -> None:
+    """Invert the bits of `mask` in the byte at `pos` of the file at `path` (bit rot)."""
     with open(path, "r+b") as f:
         f.seek(pos)
         byte = f.read(1)
         f.seek(pos)
-        f.write(bytes([byte[0] ^ 0xFF]))
+        f.write(bytes([byte[0] ^ mask]))

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 from crc32c import crc32c
-from helpers import drain
+from helpers import drain, flip
 
 import pqueue
 from pqueue.record import encode_record
@@ -63,14 +63,6 @@ def _snapshot(path: Path) -> dict[str, tuple[int, int]]:
             st = p.stat()
             snap[str(p.relative_to(path))] = (st.st_mtime_ns, st.st_size if p.is_file() else 0)
     return snap
-
-
-def _flip(path: Path, pos: int, bit: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(pos)
-        b = f.read(1)[0]
-        f.seek(pos)
-        f.write(bytes([b ^ (1 << bit)]))
 
 
 def _damaged_count(q: pqueue.Queue, group: str = "default") -> int:
@@ -258,6 +250,17 @@ def _target(where: str) -> tuple[int, int, int]:
     return 2, ACTIVE_TARGET, HEADER + (ACTIVE_TARGET - 64) * RECORD
 
 
+def _damaged_copy(flip_ref: Path, tmp_path: Path, where: str, byte: int, bit: int) -> tuple[Path, Path, int, int]:
+    """A copy of the reference queue with one bit of the target record flipped:
+    (queue, damaged segment, offset of the damaged record, its byte position)."""
+    work = tmp_path / "q"
+    shutil.copytree(flip_ref, work)
+    seg_i, victim, pos = _target(where)
+    seg = _segments(work)[seg_i]
+    flip(seg, pos + byte, 1 << bit)
+    return work, seg, victim, pos
+
+
 # (field, byte within the record, bit): each flip makes the record invalid.
 FLIPS = [
     ("crc", 0, 3),
@@ -286,11 +289,7 @@ def test_bit_flip_is_skipped_quarantined_and_counted(
     flip_ref: Path, tmp_path: Path, where: str, field: str, byte: int, bit: int
 ) -> None:
     """A flipped bit loses exactly its record: the rest is delivered, the bytes quarantined, the loss counted."""
-    work = tmp_path / "q"
-    shutil.copytree(flip_ref, work)
-    seg_i, victim, pos = _target(where)
-    seg = _segments(work)[seg_i]
-    _flip(seg, pos + byte, bit)
+    work, seg, victim, pos = _damaged_copy(flip_ref, tmp_path, where, byte, bit)
     damaged_bytes = seg.read_bytes()[pos : pos + RECORD]
     with _open(work) as q:
         q.consumer("pin")  # a group that reads nothing keeps every segment on disk (no retention)
@@ -311,11 +310,7 @@ def test_bit_flip_raises_with_path_and_position(
     flip_ref: Path, tmp_path: Path, where: str, field: str, byte: int, bit: int
 ) -> None:
     """With on_corruption="raise", get() stops at the damage with its segment path and byte position."""
-    work = tmp_path / "q"
-    shutil.copytree(flip_ref, work)
-    seg_i, victim, pos = _target(where)
-    seg = _segments(work)[seg_i]
-    _flip(seg, pos + byte, bit)
+    work, seg, victim, pos = _damaged_copy(flip_ref, tmp_path, where, byte, bit)
     with _open(work, on_corruption="raise") as q:
         got = []
         with pytest.raises(pqueue.CorruptRecordError) as info:
@@ -333,11 +328,8 @@ def test_bit_flip_raises_with_path_and_position(
 @pytest.mark.parametrize("bit", [24, 30])  # 16 MiB + 100 (within the limit) and 1 GiB + 100 (over it)
 def test_length_flip_never_allocates_the_claimed_length(flip_ref: Path, tmp_path: Path, bit: int) -> None:
     """A length field flipped to a huge value neither allocates it nor hangs the reader."""
-    work = tmp_path / "q"
-    shutil.copytree(flip_ref, work)
-    seg = _segments(work)[0]
-    pos = HEADER + SEALED_TARGET * RECORD
-    _flip(seg, pos + 4 + bit // 8, bit % 8)  # length is the u32 at +4, little-endian
+    # The length is the u32 at +4, little-endian.
+    work, seg, _victim, pos = _damaged_copy(flip_ref, tmp_path, "sealed", 4 + bit // 8, bit % 8)
     length = struct.unpack_from("<I", seg.read_bytes(), pos + 4)[0]
     assert length == PAYLOAD + (1 << bit)
     tracemalloc.start()
@@ -376,7 +368,7 @@ def test_flip_in_unsynced_tail_keeps_valid_records_behind_it(
     seg_i, victim, pos = _target("active")
     seg = _segments(work)[seg_i]
     assert seg.stat().st_size == HEADER + 10 * RECORD
-    _flip(seg, pos + byte, bit)
+    flip(seg, pos + byte, 1 << bit)
     with _open(work) as q:
         q.consumer("after")
         assert q.put(b"new") == N_FLIP  # recovery (as a writer) happens here
