@@ -81,34 +81,31 @@ def interleaved(loops: dict[str, Callable[[list[Any]], None]], items: list[Any],
 
 
 def goal_put_never(rounds: int, slice_n: int, slices: int) -> dict[str, Any]:
-    items = [make_item(i, 100) for i in range(slice_n)]
-    per_round = []
-    for _ in range(rounds):
-        with scratch("core-put") as d:
-            os.makedirs(os.path.join(d, "raw"))
-            q = pqueue.Queue(os.path.join(d, "q"), fsync="never")
-            loops = {"pqueue": pqueue_put_loop(q),
-                     "raw_packb": raw_put_loop(os.path.join(d, "raw"), sync_every=0, reuse_packer=False),
-                     "raw_packer": raw_put_loop(os.path.join(d, "raw"), sync_every=0, reuse_packer=True)}
-            loops["pqueue"](items[:1000])  # warmup: first append recovers and opens the segment
-            per_round.append(interleaved(loops, items, slices))
-            q.close()
-    return _ratios(per_round, "pqueue", ("raw_packb", "raw_packer"))
+    raws = {"raw_packb": {"sync_every": 0, "reuse_packer": False},
+            "raw_packer": {"sync_every": 0, "reuse_packer": True}}
+    return _put_against_raw("never", raws, rounds, slice_n, slices, warmup=1000)
 
 
 def goal_put_always(rounds: int, slice_n: int, slices: int) -> dict[str, Any]:
+    raws = {"raw_fdatasync": {"sync_every": 1, "reuse_packer": False}}
+    return _put_against_raw("always", raws, rounds, slice_n, slices, warmup=20)
+
+
+def _put_against_raw(fsync: str, raws: dict[str, dict[str, Any]], rounds: int, slice_n: int, slices: int, *,
+                     warmup: int) -> dict[str, Any]:
+    """One thread's put under `fsync`, interleaved in slices with the raw loops `raws` (name: options)."""
     items = [make_item(i, 100) for i in range(slice_n)]
     per_round = []
     for _ in range(rounds):
-        with scratch("core-always") as d:
+        with scratch(f"core-{fsync}") as d:
             os.makedirs(os.path.join(d, "raw"))
-            q = pqueue.Queue(os.path.join(d, "q"), fsync="always")
-            loops = {"pqueue": pqueue_put_loop(q),
-                     "raw_fdatasync": raw_put_loop(os.path.join(d, "raw"), sync_every=1, reuse_packer=False)}
-            loops["pqueue"](items[:20])
+            q = pqueue.Queue(os.path.join(d, "q"), fsync=fsync)
+            loops = {"pqueue": pqueue_put_loop(q)}
+            loops.update({name: raw_put_loop(os.path.join(d, "raw"), **opts) for name, opts in raws.items()})
+            loops["pqueue"](items[:warmup])  # warmup: the first append recovers and opens the segment
             per_round.append(interleaved(loops, items, slices))
             q.close()
-    return _ratios(per_round, "pqueue", ("raw_fdatasync",))
+    return _ratios(per_round, "pqueue", tuple(raws))
 
 
 def _threads_rate(q: pqueue.Queue, threads: int, seconds: float) -> tuple[float, float]:
