@@ -268,31 +268,29 @@ def test_byte_cap_drop_oldest_while_broker_down(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- real brokers
 
 
-@pytest.fixture(scope="session")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[brokers.Broker]:
-    brokers.need_module("redis", "redis")
-    broker = brokers.redis_broker(tmp_path_factory.mktemp("brokers"))
+def _running(make: Callable[[Path], brokers.Broker], module: str, extra: str,
+             tmp_path_factory: pytest.TempPathFactory) -> Iterator[brokers.Broker]:
+    """A session's broker: its client library checked, the server started, stopped at the end."""
+    brokers.need_module(module, extra)
+    broker = make(tmp_path_factory.mktemp("brokers"))
     broker.start()
     yield broker
     broker.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[brokers.Broker]:
+    yield from _running(brokers.redis_broker, "redis", "redis", tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
 def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[brokers.Broker]:
-    brokers.need_module("nats", "nats")
-    broker = brokers.nats_broker(tmp_path_factory.mktemp("brokers"))
-    broker.start()
-    yield broker
-    broker.stop()
+    yield from _running(brokers.nats_broker, "nats", "nats", tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
 def mqtt_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[brokers.Broker]:
-    brokers.need_module("paho.mqtt", "mqtt")
-    broker = brokers.mosquitto_broker(tmp_path_factory.mktemp("brokers"))
-    broker.start()
-    yield broker
-    broker.stop()
+    yield from _running(brokers.mosquitto_broker, "paho.mqtt", "mqtt", tmp_path_factory)
 
 
 def redis_offsets(broker: brokers.Broker, stream: str) -> list[int]:
