@@ -81,6 +81,17 @@ def _open_role(qpath: str, ledger_dir: str, ledger: str, seed: int) -> tuple[Any
     return pqueue.Queue(qpath, fsync=fsync, segment_bytes=SEGMENT_BYTES), fd, fsync, rng, started
 
 
+def _note_delivery(fd: int, m: Any, now: float) -> None:
+    """Ledger a delivery: H (handled: its id, offset, attempt, time) or C (corrupt: what came)."""
+    data = m.data
+    ok = (isinstance(data, dict) and set(data) == {"id", "body"} and isinstance(data["id"], str)
+          and " " not in data["id"] and data["body"] == body_for(data["id"]))
+    if ok:
+        os.write(fd, f"H {data['id']} {m.offset} {m.attempt} {now:.6f}\n".encode())
+    else:
+        os.write(fd, f"C {m.offset} {json.dumps(repr(data)[:200])}\n".encode())
+
+
 def _producer(qpath: str, ledger_dir: str, slot: int, gen: int, seed: int) -> None:
     q, fd, fsync, rng, started = _open_role(qpath, ledger_dir, f"p{slot}-{gen}.log", seed)
     n = 0
@@ -135,16 +146,10 @@ def _consumer(qpath: str, ledger_dir: str, slot: int, gen: int, seed: int, *, dr
         now = time.monotonic()
         if m is not None:
             idle_since = 0.0
-            data = m.data
             if first:
                 first = False
                 os.write(fd, f"R consume {now - started:.6f} {fsync}\n".encode())
-            ok = (isinstance(data, dict) and set(data) == {"id", "body"} and isinstance(data["id"], str)
-                  and " " not in data["id"] and data["body"] == body_for(data["id"]))
-            if ok:
-                os.write(fd, f"H {data['id']} {m.offset} {m.attempt} {now:.6f}\n".encode())
-            else:
-                os.write(fd, f"C {m.offset} {json.dumps(repr(data)[:200])}\n".encode())
+            _note_delivery(fd, m, now)
             if rng.random() < 0.01:
                 time.sleep(rng.random() * 0.05)  # a slow handler now and then
             q.ack(m)
@@ -176,13 +181,7 @@ def _pool_consumer(qpath: str, ledger_dir: str, slot: int, gen: int, seed: int, 
     def handler(m: Any) -> None:
         now = time.monotonic()
         last[0] = now
-        data = m.data
-        ok = (isinstance(data, dict) and set(data) == {"id", "body"} and isinstance(data["id"], str)
-              and " " not in data["id"] and data["body"] == body_for(data["id"]))
-        if ok:
-            os.write(fd, f"H {data['id']} {m.offset} {m.attempt} {now:.6f}\n".encode())
-        else:
-            os.write(fd, f"C {m.offset} {json.dumps(repr(data)[:200])}\n".encode())
+        _note_delivery(fd, m, now)
 
     # A high max_attempts: a message whose holders keep being SIGKILLed must not end in the
     # dead-letter queue here (the checker wants every message handled in the main group).
