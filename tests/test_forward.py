@@ -434,19 +434,41 @@ def test_mqtt_sigkill_torture_at_least_once(mqtt_server: brokers.Broker, tmp_pat
     assert sources == {pqueue.Queue(tmp_path / "q").source_id}
 
 
+def _killed_and_restarted(server: brokers.Broker, sink: Any, q: pqueue.Queue, total: int, timeout: float) -> None:
+    """Ship 200 records, SIGKILL the broker, put up to `total`, restart it on its data: drained."""
+    with pqueue.forward(q, sink=sink, backoff=FAST, send_timeout=1.0, batch=20, linger=0) as fwd:
+        q.put_many(list(range(200)))
+        wait_until(lambda: fwd.stats().shipped >= 50)
+        server.kill()
+        q.put_many(list(range(200, total)))
+        wait_until(lambda: fwd.stats().state == "backoff", what="backoff")
+        server.start()
+        wait_until(drained(fwd), timeout)
+
+
+def _frozen_then_thawed(server: brokers.Broker, sink: Any, q: pqueue.Queue, *, says_timeout: bool) -> None:
+    """Ship 100 records, SIGSTOP the broker, put 100 more: timeouts and backoff (the last error
+    names the timeout if `says_timeout`); SIGCONT: drained."""
+    with pqueue.forward(q, sink=sink, backoff=FAST, send_timeout=0.3, batch=25, linger=0) as fwd:
+        q.put_many(list(range(100)))
+        wait_until(lambda: fwd.stats().shipped >= 25)
+        server.freeze()
+        try:
+            q.put_many(list(range(100, 200)))
+            wait_until(lambda: fwd.stats().retries >= 2, what="timeouts")
+            if says_timeout:
+                assert fwd.stats().state == "backoff" and "Timeout" in (fwd.stats().last_error or "")
+        finally:
+            server.thaw()
+        wait_until(drained(fwd), 20)
+
+
 def test_redis_killed_and_restarted_nothing_lost(redis_server: brokers.Broker, q: pqueue.Queue) -> None:
     """Redis SIGKILLed mid-run and restarted on its data directory: the forwarder resumes, nothing lost or doubled."""
     from pqueue.sinks import RedisStreamSink
 
     sink = RedisStreamSink(redis_server.url, stream="restart:{source_id}")
-    with pqueue.forward(q, sink=sink, backoff=FAST, send_timeout=1.0, batch=20, linger=0) as fwd:
-        q.put_many(list(range(200)))
-        wait_until(lambda: fwd.stats().shipped >= 50)
-        redis_server.kill()
-        q.put_many(list(range(200, 400)))
-        wait_until(lambda: fwd.stats().state == "backoff", what="backoff")
-        redis_server.start()
-        wait_until(drained(fwd), 20)
+    _killed_and_restarted(redis_server, sink, q, 400, 20)
     assert redis_offsets(redis_server, sink.stream) == list(range(400))
 
 
@@ -455,14 +477,7 @@ def test_nats_killed_and_restarted_nothing_lost(nats_server: brokers.Broker, q: 
     from pqueue.sinks import NatsJetStreamSink
 
     sink = NatsJetStreamSink(nats_server.url, stream="R_{source_id}", subject="r.{source_id}")
-    with pqueue.forward(q, sink=sink, backoff=FAST, send_timeout=1.0, batch=20, linger=0) as fwd:
-        q.put_many(list(range(200)))
-        wait_until(lambda: fwd.stats().shipped >= 50)
-        nats_server.kill()
-        q.put_many(list(range(200, 300)))
-        wait_until(lambda: fwd.stats().state == "backoff", what="backoff")
-        nats_server.start()
-        wait_until(drained(fwd), 30)
+    _killed_and_restarted(nats_server, sink, q, 300, 30)
     assert nats_offsets(nats_server, sink.stream, sink.subject) == list(range(300))
 
 
@@ -472,17 +487,7 @@ def test_redis_frozen_then_thawed(redis_server: brokers.Broker, q: pqueue.Queue)
     from pqueue.sinks import RedisStreamSink
 
     sink = RedisStreamSink(redis_server.url, stream="frozen:{source_id}")
-    with pqueue.forward(q, sink=sink, backoff=FAST, send_timeout=0.3, batch=25, linger=0) as fwd:
-        q.put_many(list(range(100)))
-        wait_until(lambda: fwd.stats().shipped >= 25)
-        redis_server.freeze()
-        try:
-            q.put_many(list(range(100, 200)))
-            wait_until(lambda: fwd.stats().retries >= 2, what="timeouts")
-            assert fwd.stats().state == "backoff" and "Timeout" in (fwd.stats().last_error or "")
-        finally:
-            redis_server.thaw()
-        wait_until(drained(fwd), 20)
+    _frozen_then_thawed(redis_server, sink, q, says_timeout=True)
     assert redis_offsets(redis_server, sink.stream) == list(range(200))
 
 
@@ -491,16 +496,7 @@ def test_nats_frozen_then_thawed(nats_server: brokers.Broker, q: pqueue.Queue) -
     from pqueue.sinks import NatsJetStreamSink
 
     sink = NatsJetStreamSink(nats_server.url, stream="F_{source_id}", subject="f.{source_id}")
-    with pqueue.forward(q, sink=sink, backoff=FAST, send_timeout=0.3, batch=25, linger=0) as fwd:
-        q.put_many(list(range(100)))
-        wait_until(lambda: fwd.stats().shipped >= 25)
-        nats_server.freeze()
-        try:
-            q.put_many(list(range(100, 200)))
-            wait_until(lambda: fwd.stats().retries >= 2, what="timeouts")
-        finally:
-            nats_server.thaw()
-        wait_until(drained(fwd), 20)
+    _frozen_then_thawed(nats_server, sink, q, says_timeout=False)
     assert nats_offsets(nats_server, sink.stream, sink.subject) == list(range(200))
 
 
