@@ -512,3 +512,44 @@ def test_redis_stream_of_another_writer_is_refused(redis_server: brokers.Broker,
     fwd = pqueue.forward(q, sink=RedisStreamSink(redis_server.url, stream="shared")).start()
     wait_until(lambda: fwd.error is not None)
     assert "another writer uses it" in str(fwd.error)
+
+
+def test_nats_refused_record_stops_the_pipelined_batch(nats_server: brokers.Broker) -> None:
+    """A batch goes out pipelined; a record the stream refuses (over its max_msg_size) is
+    reported rejected at once, and no later record of that batch lands ahead of the refusal."""
+    import asyncio
+
+    import nats
+    from nats.js import api
+
+    from pqueue.sinks import NatsJetStreamSink
+    from pqueue.sinks.base import OutRecord
+
+    source = SourceInfo("refuse-src", "refuse", 1)
+
+    async def create() -> None:
+        nc = await nats.connect(nats_server.url)
+        await nc.jetstream().add_stream(api.StreamConfig(
+            name="REFUSE", subjects=["refuse.s"], storage=api.StorageType.FILE, max_msg_size=1000))
+        await nc.close()
+
+    asyncio.run(create())
+
+    def rec(offset: int, size: int = 10) -> OutRecord:
+        return OutRecord(offset, 0.0, b"p" * size, {"pq-source": source.id, "pq-offset": str(offset)})
+
+    sink = NatsJetStreamSink(nats_server.url, stream="REFUSE", subject="refuse.s")
+    sink.open(source)
+    try:
+        t0 = time.monotonic()
+        first = sink.send([rec(0), rec(1), rec(2), rec(3, 2000), rec(4), rec(5)], timeout=5.0)
+        assert time.monotonic() - t0 < 2.0  # the refusal is an answer, not a timeout
+        assert first.acked_through == 3
+        assert [offset for offset, _reason in first.rejected] == [3]
+        assert "maximum" in first.rejected[0][1]
+        assert nats_offsets(nats_server, "REFUSE", "refuse.s") == [0, 1, 2]
+        second = sink.send([rec(4), rec(5), rec(6)], timeout=5.0)
+        assert second.acked_through == 6 and second.duplicates == 0
+        assert nats_offsets(nats_server, "REFUSE", "refuse.s") == [0, 1, 2, 4, 5, 6]
+    finally:
+        sink.close()

@@ -6,10 +6,16 @@ the source's subject and skips what the stream holds; a re-send after a crash or
 falls inside the stream's ``duplicate_window`` (raise it above your longest outage; this sink
 creates streams with ``DUPLICATE_WINDOW_SECONDS``) and is dropped by the server.
 
-Order: a batch is published in offset order, each record acknowledged before the next is
-sent, so a failed publish stops the batch there and nothing later can land before it. (A
-pipelined batch was faster but stored a record ahead of an earlier one whose publish failed
-when the server was killed mid-batch.)
+Order: a batch is pipelined (all of it sent before the first answer), and every record but
+the first carries ``Nats-Expected-Last-Msg-Id`` naming the record before it. The server stores
+a record only right after its predecessor, so when one fails (a timeout, a killed server, a
+refusal) every later record of the batch is refused too and nothing lands out of offset
+order; the next batch starts again at the first record not stored. (The server checks the
+msg id for a duplicate before the expectation, so a re-sent batch is absorbed as before.)
+
+The publish answers are read from the sink's own reply subject rather than through nats-py's
+``publish_async``: its 2.16 reply handler raises a JetStream error inside the callback instead
+of failing the publish, which would turn a refusal into a timeout and retry it for ever.
 
 JetStream keeps what it acknowledged across an OS crash only with file storage and
 ``sync_interval: always`` (or replicas): the default syncs every 2 minutes.
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
 import threading
 from collections.abc import Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, final
@@ -30,6 +37,7 @@ from .base import HEADER_OFFSET, HEADER_SOURCE, OutRecord, SendResult, SinkError
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
+    from nats.aio.msg import Msg
     from nats.js import JetStreamContext
 
 T = TypeVar("T")
@@ -38,6 +46,8 @@ CONNECT_TIMEOUT_SECONDS = 5.0  # per connection attempt
 DUPLICATE_WINDOW_SECONDS = 24 * 3600.0  # for streams this sink creates: a day of outage stays deduplicated
 HEADER_ROOM_BYTES = 512  # of the server's max_payload, kept for the headers of each message
 ERR_MESSAGE_TOO_LARGE = 10054  # JetStream API error: message size exceeds the stream's maximum
+HEADER_MSG_ID = "Nats-Msg-Id"
+HEADER_EXPECTED_LAST_MSG_ID = "Nats-Expected-Last-Msg-Id"
 
 
 @final
@@ -68,6 +78,9 @@ class NatsJetStreamSink:
         self._thread: threading.Thread | None = None
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
+        self._inbox = ""  # publish answers arrive on <inbox>.<token>
+        self._pending: dict[str, asyncio.Future[dict[str, Any]]] = {}  # token -> its answer
+        self._sent = 0  # publishes so far: the next token
 
     # ------------------------------------------------------------------ the private event loop
 
@@ -122,6 +135,8 @@ class NatsJetStreamSink:
             raise TransientSinkError(f"nats {self.url}: {type(exc).__name__}: {exc}") from exc
         self._nc = nc
         self._js = nc.jetstream()
+        self._inbox = nc.new_inbox()
+        self._run(nc.subscribe(self._inbox + ".*", cb=self._on_reply), CONNECT_TIMEOUT_SECONDS)
         self.max_record_bytes = min(self._configured_max, max(1, nc.max_payload - HEADER_ROOM_BYTES))
         if self.create_stream:
             self._run(self._ensure_stream(), CONNECT_TIMEOUT_SECONDS * 2)
@@ -164,7 +179,7 @@ class NatsJetStreamSink:
             raise TransientSinkError(f"nats {self.url}: {type(exc).__name__}: {exc}") from exc
 
     def send(self, batch: Sequence[OutRecord], timeout: float) -> SendResult:
-        """Publish the batch in order, each record acknowledged before the next is sent.
+        """Publish the batch pipelined, each record expecting its predecessor (module docstring).
 
         Raises:
             TransientSinkError: disconnected, timed out, or the first record failed.
@@ -178,49 +193,62 @@ class NatsJetStreamSink:
         except Exception as exc:
             raise TransientSinkError(f"nats {self.url}: {type(exc).__name__}: {exc}") from exc
 
-    async def _publish(self, batch: Sequence[OutRecord], timeout: float) -> SendResult:
-        from nats.js.errors import APIError
+    async def _on_reply(self, msg: Msg) -> None:
+        future = self._pending.pop(msg.subject[len(self._inbox) + 1:], None)
+        if future is None or future.done():
+            return  # an answer that came after its batch gave up on it
+        try:
+            answer = json.loads(msg.data) if msg.data else {"error": {"description": "no stream answers"}}
+        except ValueError:
+            answer = {"error": {"description": f"unreadable answer {msg.data[:80]!r}"}}
+        future.set_result(answer if isinstance(answer, dict) else {"error": {"description": repr(answer)}})
 
-        assert self._js is not None and self._source is not None
-        js, source = self._js, self._source
+    async def _publish(self, batch: Sequence[OutRecord], timeout: float) -> SendResult:
+        assert self._nc is not None and self._source is not None
+        nc, source = self._nc, self._source
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        futures: list[asyncio.Future[Any]] = []
+        futures: list[asyncio.Future[dict[str, Any]]] = []
+        tokens: list[str] = []
         try:
-            # One publish acknowledged before the next goes out: a pipelined batch whose early
-            # publish failed while a later one succeeded stored that later record first, out of
-            # offset order (tests/test_forward.py::test_nats_killed_and_restarted_nothing_lost).
+            previous_id = None
             for rec in batch:
                 headers = dict(rec.headers)
-                headers["Nats-Msg-Id"] = f"{source.id}:{rec.offset}"
-                fut = await js.publish_async(self.subject, rec.payload, headers=headers,
-                                             wait_stall=max(0.001, deadline - loop.time()))
-                futures.append(fut)
-                await asyncio.wait([fut], timeout=max(0.0, deadline - loop.time()))
-                if not fut.done() or fut.cancelled() or fut.exception() is not None:
-                    break
+                headers[HEADER_MSG_ID] = msg_id = f"{source.id}:{rec.offset}"
+                if previous_id is not None:
+                    headers[HEADER_EXPECTED_LAST_MSG_ID] = previous_id
+                previous_id = msg_id
+                self._sent += 1
+                token = str(self._sent)
+                self._pending[token] = future = loop.create_future()
+                futures.append(future)
+                tokens.append(token)
+                await nc.publish(self.subject, rec.payload, reply=f"{self._inbox}.{token}", headers=headers)
+            await asyncio.wait(futures, timeout=max(0.0, deadline - loop.time()))
         finally:
-            for fut in futures:
-                if not fut.done():
-                    fut.cancel()  # frees its slot in the client's pending-publish semaphore
+            for token in tokens:
+                self._pending.pop(token, None)  # late answers are dropped by _on_reply
         acked: int | None = None
         rejected: list[tuple[int, str]] = []
         dups = 0
-        first_error: BaseException | None = None
+        failure = f"no answer within {timeout} s"
         for rec, fut in zip(batch, futures, strict=False):
-            exc = None if fut.cancelled() else fut.exception()
-            if fut.cancelled() or exc is not None:
-                if isinstance(exc, APIError) and exc.err_code == ERR_MESSAGE_TOO_LARGE:
-                    rejected.append((rec.offset, f"{exc.description} (err_code {exc.err_code})"))
-                    acked = rec.offset
-                    continue
-                first_error = exc or TimeoutError(f"no ack within {timeout} s")
+            if not fut.done():
                 break
-            if fut.result().duplicate:
-                dups += 1
+            answer = fut.result()
+            error = answer.get("error")
+            if error is None:
+                dups += bool(answer.get("duplicate"))
+                acked = rec.offset
+                continue
+            reason = f"{error.get('description', 'refused')} (err_code {error.get('err_code')})"
+            if error.get("err_code") != ERR_MESSAGE_TOO_LARGE:
+                failure = reason  # the later records were refused for following it: re-send from here
+                break
+            rejected.append((rec.offset, reason))
             acked = rec.offset
         if acked is None:
-            raise TransientSinkError(f"nats {self.url}: {type(first_error).__name__}: {first_error}")
+            raise TransientSinkError(f"nats {self.url}: offset {batch[0].offset}: {failure}")
         return SendResult(acked, rejected, dups)
 
     def _disconnect(self) -> None:
