@@ -65,7 +65,6 @@ def print_table(res: dict[str, Any]) -> None:
     print()
 
 
-
 def emit(res: dict[str, Any], json_path: str | None) -> None:
     """What a scenario module run on its own prints, and the JSON it writes with --json."""
     print_table(res)
