@@ -30,6 +30,7 @@ from . import inspect, segment
 from .errors import Empty, LockTimeout, QueueError
 from .index import Index
 from .layout import REPAIR_LOCK
+from .log import LEFT_END_AT, LOCK_FILE_BYTES
 from .message import Message
 from .queue import Queue
 from .record import ATTR_META, SEGMENT_HEADER_BYTES, encode_attrs, encode_seal, encode_segment_header
@@ -69,6 +70,9 @@ class _WriteLock:
                 self._take(waiter, timeout)
             finally:
                 waiter.close()
+            # The end the last writer left there will not describe the repaired log: void it,
+            # so the next writer scans for the end (zeros fail the CRC, see Log._adopt_left_end).
+            os.pwrite(self.fd, bytes(LOCK_FILE_BYTES - LEFT_END_AT), LEFT_END_AT)
         except BaseException:
             os.close(self.fd)
             raise

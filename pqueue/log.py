@@ -5,8 +5,10 @@ Writers in any number of processes append to the newest segment. Appends are ser
 it for every put would cost two syscalls, notes/hotpath.md goal 1) and gives it up when it has
 been idle for ``IDLE_RELEASE_SECONDS`` or when another process asks for it through the waiter
 byte mapped from ``write.lock`` (checked every ``HANDOFF_CHECK_PUTS`` puts). Whoever takes the
-lock learns other processes' appends with one ``lseek(SEEK_END)`` and, if the file grew, a
-scan of the new bytes (following SEAL trailers into newer segments).
+lock learns other processes' appends with one ``lseek(SEEK_END)``. If the file grew, the end
+the last holder left in ``write.lock`` (segment, position, next offset, with a CRC32C) says where
+the log ends, provided it is this segment's true end; otherwise the new bytes are scanned
+(following SEAL trailers into newer segments).
 
 Fsync policies (``FsyncPolicy``):
 
@@ -52,13 +54,17 @@ _pack_crc = struct.Struct("<I").pack
 _time_ns = time.time_ns
 
 IDLE_RELEASE_SECONDS = 0.002  # give up the write lock after 2 ms without an append
-HANDOFF_CHECK_PUTS = 64  # look at the waiter byte every 64 appends (costs one mmap read)
+HANDOFF_CHECK_PUTS = 256  # look at the waiter byte every 256 appends (a waiting writer waits ~1 ms at most)
 HANDOFF_BACKOFF_SECONDS = 0.0002  # after handing the lock over, let the waiter take it first
 WAITER_POLL_SECONDS = 0.0001  # a waiting writer polls the lock this often ...
 WAITER_POLL_LIMIT_SECONDS = 0.05  # ... for at most 50 ms, then blocks in flock()
 RECOVERY_POINT_SECONDS = 1.0  # persist the recovery point at most once a second
 FULL_POLL_SECONDS = 0.01  # a put blocked by max_bytes looks for room this often
-LOCK_FILE_BYTES = 8  # write.lock: byte 0 is the "a writer is waiting" flag
+# write.lock: byte 0 is the "a writer is waiting" flag; at LEFT_END_AT the end of the log as
+# the last holder left it (segment, position, next offset, CRC32C of the three).
+LEFT_END_AT = 8
+_LEFT_END = struct.Struct("<QQQ")
+LOCK_FILE_BYTES = LEFT_END_AT + _LEFT_END.size + 4  # 36 bytes
 
 
 def _is_space_error(exc: OSError) -> bool:
@@ -496,7 +502,7 @@ class Log:
                 fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
-                # Ask the holder to hand over, poll briefly (hand-over takes < 64 appends),
+                # Ask the holder to hand over, poll briefly (hand-over takes < HANDOFF_CHECK_PUTS appends),
                 # then block: the holder also lets go after IDLE_RELEASE_SECONDS of idling.
                 self._waiter_map[0] = 1
                 if waited >= WAITER_POLL_LIMIT_SECONDS:
@@ -512,8 +518,8 @@ class Log:
             else:
                 self._catch_up()
         except OSError as exc:
-            self._drop_flock()
             self._recovered = False  # start over from the disk at the next append
+            self._drop_flock()
             raise self._write_error(exc) from exc
         except BaseException:
             self._drop_flock()
@@ -522,6 +528,9 @@ class Log:
 
     def _drop_flock(self) -> None:
         if self._have_flock:
+            if self._recovered and self._fd >= 0 and self._waiter_map is not None:
+                end = _LEFT_END.pack(self._seg, self._pos, self._next)
+                self._waiter_map[LEFT_END_AT:LOCK_FILE_BYTES] = end + _pack_crc(crc32c(end))
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
             self._have_flock = False
 
@@ -541,7 +550,27 @@ class Log:
         end = os.lseek(self._fd, 0, os.SEEK_END)
         if end == self._pos:
             return
-        self._scan_to_end(self._seg, self._pos, self._next)
+        if not self._adopt_left_end(end):
+            self._scan_to_end(self._seg, self._pos, self._next)
+
+    def _adopt_left_end(self, end: int) -> bool:
+        """Take the end the last holder left in write.lock if it is where our segment ends now.
+
+        Saves scanning the records other processes appended since we last held the lock. The
+        end is written just before the lock is given up, so it ends at a record boundary; it is
+        trusted only if its CRC holds (a writer killed while writing it leaves a bad one) and it
+        names our segment and its current size: anything appended after it, a torn record
+        included, or a roll, makes the size differ, and then the bytes are scanned.
+        """
+        assert self._waiter_map is not None
+        raw = self._waiter_map[LEFT_END_AT:LOCK_FILE_BYTES]
+        if crc32c(raw[:_LEFT_END.size]) != int.from_bytes(raw[_LEFT_END.size:], "little"):
+            return False
+        seg, pos, next_offset = _LEFT_END.unpack_from(raw)
+        if seg != self._seg or pos != end or pos <= self._pos or next_offset <= self._next:
+            return False
+        self._pos, self._next = pos, next_offset
+        return True
 
     # ------------------------------------------------------------------ recovery
 

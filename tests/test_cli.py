@@ -108,6 +108,7 @@ def test_repair_moves_damage_to_quarantine_and_keeps_the_rest(qpath: Path) -> No
     fixed = run("repair", str(qpath))
     assert fixed.returncode == 0, fixed.stdout + fixed.stderr
     assert fixed.stdout.splitlines()[-1] == "ok: the queue verifies clean"
+    assert (qpath / "write.lock").read_bytes()[8:] == bytes(28)  # the writers' left end is void
     kept = sorted(os.listdir(qpath / "quarantine"))
     assert kept[0].startswith("00000000000000000000.seg.") and kept[1].endswith(".tail")
     with pqueue.Queue(qpath) as q:

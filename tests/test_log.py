@@ -10,10 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from crc32c import crc32c
 from helpers import drain
 
 import pqueue
 from pqueue import segment
+from pqueue.log import _LEFT_END, LEFT_END_AT, LOCK_FILE_BYTES
 from pqueue.policy import FsyncPolicy
 from pqueue.record import SEGMENT_HEADER_BYTES, encode_record
 
@@ -256,6 +258,68 @@ def test_two_processes_append_without_interleaving(qpath: Path) -> None:
     assert len(got) == 6000
     for name in ("a", "b"):
         assert [i for n, i in got if n == name] == list(range(3000))
+
+
+def _hold_then_leave(q: pqueue.Queue) -> None:
+    """Make `q`'s log give up the append lock now, as an idle writer does after 2 ms."""
+    with q._log._wlock:
+        q._log._drop_flock()
+
+
+def test_a_writer_adopts_the_end_the_last_holder_left(qpath: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Taking the lock after another writer appended costs no scan of its records."""
+    a = pqueue.Queue(qpath, fsync="never")
+    b = pqueue.Queue(qpath, fsync="never")  # its own flock: a second writer, as in another process
+    try:
+        assert b.put("b0") == 0
+        _hold_then_leave(b)
+        assert a.put_many([f"a{i}" for i in range(50)]) == list(range(1, 51))
+        _hold_then_leave(a)
+        walked: list[int] = []
+        real_walk = segment.walk
+
+        def spy(fd: int, pos: int, *args: Any) -> segment.Scan:
+            walked.append(pos)
+            return real_walk(fd, pos, *args)
+
+        monkeypatch.setattr(segment, "walk", spy)
+        assert b.put("b1") == 51
+        assert walked == []
+    finally:
+        a.close()
+        b.close()
+    with pqueue.Queue(qpath) as q:
+        got = drain(q)
+    assert [m.offset for m in got] == list(range(52))
+    assert [m.data for m in got] == ["b0", *[f"a{i}" for i in range(50)], "b1"]
+
+
+@pytest.mark.parametrize("forge", ["bad crc", "not the end", "another segment"])
+def test_a_left_end_that_does_not_fit_is_ignored(qpath: Path, forge: str) -> None:
+    """A left end with a bad CRC (a writer killed while writing it), or one that is not where
+    the segment ends now, is not believed: the new records are scanned and no offset is reused."""
+    a = pqueue.Queue(qpath, fsync="never")
+    b = pqueue.Queue(qpath, fsync="never")
+    try:
+        b.put("b0")
+        _hold_then_leave(b)
+        a.put_many(["a0", "a1", "a2"])
+        _hold_then_leave(a)
+        seg, pos, _next = a._log._seg, a._log._pos, a._log._next
+        lie = {"bad crc": (seg, pos, 1000), "not the end": (seg, pos - 1, 1000),
+               "another segment": (seg + 1, pos, 1000)}[forge]
+        end = _LEFT_END.pack(*lie)
+        crc = crc32c(end) ^ (1 if forge == "bad crc" else 0)
+        with open(qpath / "write.lock", "r+b") as f:
+            f.seek(LEFT_END_AT)
+            f.write(end + crc.to_bytes(4, "little"))
+        assert os.path.getsize(qpath / "write.lock") == LOCK_FILE_BYTES
+        assert b.put("b1") == 4
+    finally:
+        a.close()
+        b.close()
+    with pqueue.Queue(qpath) as q:
+        assert [m.offset for m in drain(q)] == list(range(5))
 
 
 def test_segment_with_newer_format_is_refused(qpath: Path) -> None:
