@@ -193,19 +193,25 @@ def test_bad_fsync_specs_are_refused() -> None:
         FsyncPolicy.parse(True)
 
 
+def _record_scans(monkeypatch: pytest.MonkeyPatch, name: str) -> list[int]:
+    """Wrap segment.<name> (scan or walk) to note the position each call starts at."""
+    started: list[int] = []
+    real = getattr(segment, name)
+
+    def spy(fd: int, pos: int, *args: Any) -> segment.Scan:
+        started.append(pos)
+        return real(fd, pos, *args)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(segment, name, spy)
+    return started
+
+
 def test_open_scans_only_from_the_recovery_point(qpath: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A writer reopening a queue scans from the saved recovery point, not the whole log."""
     with pqueue.Queue(qpath, segment_bytes=1 << 20, serializer="raw") as q:
         q.put_many([b"y" * 100] * 2000)
         end = q._log._pos
-    scanned: list[int] = []
-    real_scan = segment.scan
-
-    def spy(fd: int, pos: int, *args: Any) -> segment.Scan:
-        scanned.append(pos)
-        return real_scan(fd, pos, *args)
-
-    monkeypatch.setattr(segment, "scan", spy)
+    scanned = _record_scans(monkeypatch, "scan")
     with pqueue.Queue(qpath, serializer="raw") as q:
         assert q.put(b"z") == 2000
     assert scanned[0] == end  # started at the end recorded at close: nothing rescanned
@@ -275,14 +281,7 @@ def test_a_writer_adopts_the_end_the_last_holder_left(qpath: Path, monkeypatch: 
         _hold_then_leave(b)
         assert a.put_many([f"a{i}" for i in range(50)]) == list(range(1, 51))
         _hold_then_leave(a)
-        walked: list[int] = []
-        real_walk = segment.walk
-
-        def spy(fd: int, pos: int, *args: Any) -> segment.Scan:
-            walked.append(pos)
-            return real_walk(fd, pos, *args)
-
-        monkeypatch.setattr(segment, "walk", spy)
+        walked = _record_scans(monkeypatch, "walk")
         assert b.put("b1") == 51
         assert walked == []
     finally:
