@@ -4,11 +4,17 @@ Writers in any number of processes append to the newest segment. Appends are ser
 ``fcntl.flock`` on ``write.lock``. A process holds that lock across a burst of appends (taking
 it for every put would cost two syscalls, notes/hotpath.md goal 1) and gives it up when it has
 been idle for ``IDLE_RELEASE_SECONDS`` or when another process asks for it through the waiter
-byte mapped from ``write.lock`` (checked every ``HANDOFF_CHECK_PUTS`` puts). Whoever takes the
-lock learns other processes' appends with one ``lseek(SEEK_END)``. If the file grew, the end
-the last holder left in ``write.lock`` (segment, position, next offset, with a CRC32C) says where
-the log ends, provided it is this segment's true end; otherwise the new bytes are scanned
-(following SEAL trailers into newer segments).
+byte mapped from ``write.lock`` (checked every ``HANDOFF_CHECK_PUTS`` puts). Under
+``fsync="always"``, while other processes append too (one waited for the lock within
+``SHARING_SECONDS``), a group commit's leader lets go right after its write: its fdatasync
+takes a hundred times longer than taking the lock again, and another process can write its own
+group meanwhile, so the two fdatasyncs overlap. Alone, a process keeps the lock (two flock calls
+and an lseek a put would cost it about 3 %).
+
+Whoever takes the lock learns other processes' appends with one ``lseek(SEEK_END)``. If the
+file grew, the end the last holder left in ``write.lock`` (segment, position, next offset, with
+a CRC32C) says where the log ends, provided it is this segment's true end; otherwise the new
+bytes are scanned (following SEAL trailers into newer segments).
 
 Fsync policies (``FsyncPolicy``):
 
@@ -55,6 +61,7 @@ _time_ns = time.time_ns
 
 IDLE_RELEASE_SECONDS = 0.002  # give up the write lock after 2 ms without an append
 HANDOFF_CHECK_PUTS = 256  # look at the waiter byte every 256 appends (a waiting writer waits ~1 ms at most)
+SHARING_SECONDS = 1.0  # "always": a group lets go of the lock before its sync this long after contention
 HANDOFF_BACKOFF_SECONDS = 0.0002  # after handing the lock over, let the waiter take it first
 WAITER_POLL_SECONDS = 0.0001  # a waiting writer polls the lock this often ...
 WAITER_POLL_LIMIT_SECONDS = 0.05  # ... for at most 50 ms, then blocks in flock()
@@ -131,6 +138,7 @@ class Log:
         self._next = 0  # next offset to hand out
         self._seq = 0  # records written by this process (a sequence, for fsync coverage)
         self._idle_mark = -1  # _seq at the last idle check
+        self._shared_at = -SHARING_SECONDS  # monotonic time another process last wanted the lock
         self._seen_seq = 0  # _seq at the last maintenance tick (to date unsynced writes)
         self._last_tick = 0.0
         self._fd_users = 0  # fsyncs in flight on _fd
@@ -413,8 +421,10 @@ class Log:
         Returns the descriptor and sequence for `_fdatasync` (counted as a user of the fd).
         """
         with self._wlock:
+            # Decided once: a lock taken without waking the maintenance thread must be let go.
+            share = time.monotonic() - self._shared_at < SHARING_SECONDS
             if not self._have_flock:
-                self._take_flock()
+                self._take_flock(keep=not share)
             offset = self._next
             seq = self._seq
             now = _time_ns()
@@ -430,9 +440,18 @@ class Log:
                 for w in group:
                     w.offset = -1
                 raise
+            synced = self._use_active_fd()
             if self._waiter_map is not None and self._waiter_map[0]:
-                self._hand_over()
-            return self._use_active_fd()
+                self._waiter_map[0] = 0
+                self._shared_at = time.monotonic()
+                share = True
+            if share:
+                # Let go before the fdatasync (see the module docstring). Nobody then wakes the
+                # maintenance thread to persist the recovery point: wake it when that is due.
+                self._drop_flock()
+                if time.monotonic() >= self._rp_due:
+                    self._ensure_thread()
+            return synced
 
     def _capture_active(self) -> tuple[int, int]:
         """The active fd and the sequence a sync of it now covers, for `_fdatasync`."""
@@ -489,8 +508,13 @@ class Log:
         self._lock_fd = fd
         self._waiter_map = mmap.mmap(fd, LOCK_FILE_BYTES)
 
-    def _take_flock(self) -> None:
-        """Take the OS append lock (caller holds _wlock), then catch up with other writers."""
+    def _take_flock(self, *, keep: bool = True) -> None:
+        """Take the OS append lock (caller holds _wlock), then catch up with other writers.
+
+        `keep`: the lock is kept after this append, so the maintenance thread must time its
+        idle release (False: the caller lets go itself, and waking that thread for every
+        append would cost the caller a GIL hand-off).
+        """
         if self._closed:
             raise QueueError("the queue is closed")
         if self._lock_fd < 0:
@@ -502,6 +526,7 @@ class Log:
                 fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
+                self._shared_at = time.monotonic()
                 # Ask the holder to hand over, poll briefly (hand-over takes < HANDOFF_CHECK_PUTS appends),
                 # then block: the holder also lets go after IDLE_RELEASE_SECONDS of idling.
                 self._waiter_map[0] = 1
@@ -524,7 +549,8 @@ class Log:
         except BaseException:
             self._drop_flock()
             raise
-        self._ensure_thread()
+        if keep:
+            self._ensure_thread()
 
     def _drop_flock(self) -> None:
         if self._have_flock:

@@ -248,22 +248,42 @@ def test_offsets_never_reused_after_the_tail_was_lost(qpath: Path) -> None:
         assert q.get(timeout=1).data == "after"
 
 
-def test_two_processes_append_without_interleaving(qpath: Path) -> None:
+@pytest.mark.parametrize(("fsync", "n"), [("never", 3000), ("always", 500)])
+def test_two_processes_append_without_interleaving(qpath: Path, fsync: str, n: int) -> None:
     """Two writer processes hand the lock over; all records are intact and consecutive."""
     pqueue.Queue(qpath).close()
     code = (
         "import sys, pqueue\n"
-        "q = pqueue.Queue(sys.argv[1], fsync='never')\n"
-        "for i in range(3000): q.put([sys.argv[2], i])\n"
+        f"q = pqueue.Queue(sys.argv[1], fsync={fsync!r})\n"
+        f"for i in range({n}): q.put([sys.argv[2], i])\n"
         "q.close()\n"
     )
     procs = [subprocess.Popen([sys.executable, "-c", code, str(qpath), name]) for name in ("a", "b")]
     for p in procs:
         assert p.wait(60) == 0
-    got = read_all(qpath)
-    assert len(got) == 6000
+    with pqueue.Queue(qpath) as q:
+        got = drain(q)
+    assert [m.offset for m in got] == list(range(2 * n))
     for name in ("a", "b"):
-        assert [i for n, i in got if n == name] == list(range(3000))
+        assert [i for w, i in (m.data for m in got) if w == name] == list(range(n))
+
+
+def test_always_lets_go_of_the_lock_before_its_sync_while_shared(qpath: Path) -> None:
+    """Under "always", once another writer has waited for the lock, a group lets go of it
+    before its fdatasync (so the other can write meanwhile); alone, a writer keeps it."""
+    a = pqueue.Queue(qpath, fsync="always")
+    b = pqueue.Queue(qpath, fsync="always")  # its own flock: a second writer
+    try:
+        assert a.put("a0") == 0
+        assert a._log._have_flock  # alone: kept (the maintenance thread lets go when idle)
+        assert b.put("b0") == 1  # waits for a's idle release: b has now seen contention
+        assert b.put("b1") == 2
+        assert not b._log._have_flock  # shared: let go before the sync
+        assert a.put("a1") == 3
+    finally:
+        a.close()
+        b.close()
+    assert read_all(qpath) == ["a0", "b0", "b1", "a1"]
 
 
 def _hold_then_leave(q: pqueue.Queue) -> None:
