@@ -270,13 +270,21 @@ def test_two_processes_append_without_interleaving(qpath: Path, fsync: str, n: i
 
 def test_always_lets_go_of_the_lock_before_its_sync_while_shared(qpath: Path) -> None:
     """Under "always", once another writer has waited for the lock, a group lets go of it
-    before its fdatasync (so the other can write meanwhile); alone, a writer keeps it."""
+    before its fdatasync, so the other can write meanwhile."""
     a = pqueue.Queue(qpath, fsync="always")
     b = pqueue.Queue(qpath, fsync="always")  # its own flock: a second writer
     try:
         assert a.put("a0") == 0
-        assert a._log._have_flock  # alone: kept (the maintenance thread lets go when idle)
-        assert b.put("b0") == 1  # waits for a's idle release: b has now seen contention
+        offsets: list[int] = []
+        with a._log._wlock:  # a holds the lock, and its maintenance thread cannot let go yet
+            if not a._log._have_flock:
+                a._log._take_flock()
+            waiting = threading.Thread(target=lambda: offsets.append(b.put("b0")))
+            waiting.start()
+            while not a._log._waiter_map[0]:  # type: ignore[index]
+                waiting.join(0.001)  # until b has found the lock taken and asked for it
+        waiting.join(10)
+        assert offsets == [1]
         assert b.put("b1") == 2
         assert not b._log._have_flock  # shared: let go before the sync
         assert a.put("a1") == 3
