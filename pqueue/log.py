@@ -8,8 +8,8 @@ byte mapped from ``write.lock`` (checked every ``HANDOFF_CHECK_PUTS`` puts). Und
 ``fsync="always"``, while other processes append too (one waited for the lock within
 ``SHARING_SECONDS``), a group commit's leader lets go right after its write: its fdatasync
 takes a hundred times longer than taking the lock again, and another process can write its own
-group meanwhile, so the two fdatasyncs overlap. Alone, a process keeps the lock (two flock calls
-and an lseek a put would cost it about 3 %).
+group meanwhile, so the two fdatasyncs overlap. Alone, a process keeps the lock: two flock
+calls and an lseek for every put would cost it a few per cent for nothing.
 
 Whoever takes the lock learns other processes' appends with one ``lseek(SEEK_END)``. If the
 file grew, the end the last holder left in ``write.lock`` (segment, position, next offset, with
