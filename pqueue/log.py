@@ -422,7 +422,8 @@ class Log:
         """
         with self._wlock:
             # Decided once: a lock taken without waking the maintenance thread must be let go.
-            share = time.monotonic() - self._shared_at < SHARING_SECONDS
+            mono = time.monotonic()
+            share = mono - self._shared_at < SHARING_SECONDS
             if not self._have_flock:
                 self._take_flock(keep=not share)
             offset = self._next
@@ -443,13 +444,13 @@ class Log:
             synced = self._use_active_fd()
             if self._waiter_map is not None and self._waiter_map[0]:
                 self._waiter_map[0] = 0
-                self._shared_at = time.monotonic()
+                self._shared_at = mono
                 share = True
             if share:
                 # Let go before the fdatasync (see the module docstring). Nobody then wakes the
                 # maintenance thread to persist the recovery point: wake it when that is due.
                 self._drop_flock()
-                if time.monotonic() >= self._rp_due:
+                if mono >= self._rp_due:
                     self._ensure_thread()
             return synced
 
