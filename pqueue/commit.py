@@ -270,9 +270,10 @@ def _wake(waiters: list[Waiter]) -> None:
     try:
         for w in waiters:
             _release(w)
-    finally:
+    except BaseException:
         for w in waiters:  # after an interrupt: the rest (a second release is harmless)
             _release(w)
+        raise
 
 
 def _release(w: Waiter) -> None:
