@@ -110,6 +110,101 @@ class RawLog:
         os.close(self._rfd)
 
 
+
+class RawGroupLog:
+    """The raw limit of group commit: the least a Python log must do for threads that each
+    need their record durable before they go on.
+
+    A put frames its record and queues it; the first thread in leads: it waits (at most
+    ``GATHER_SECONDS``, asleep on a lock the awaited arrival releases) until as many records
+    are queued as its last group had, writes them all with one ``os.write``, makes one
+    ``fdatasync``, hands the lead to the first thread that queued meanwhile and wakes its
+    group. A put returns only after an fdatasync that started after its record was written.
+    No lock between processes, no recovery point, no error paths: pqueue's group commit
+    (``pqueue/commit.py``) is this plus those, so this loop's own 8-thread / 1-thread ratio
+    is the most any Python group commit reaches on the machine it runs on.
+    """
+
+    GATHER_SECONDS = 0.0002  # as pqueue's GATHER_SECONDS
+
+    def __init__(self, path: str) -> None:
+        os.makedirs(path, exist_ok=True)
+        self._fd = os.open(os.path.join(path, "raw-group.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self._mu = threading.Lock()  # guards every field below
+        self._queued: list[_RawWaiter] = []
+        self._leading = False
+        self._last_group = 1
+        self._want = 0  # a gathering leader sleeps on _gathered until this many are queued
+        self._gathered = threading.Lock()
+        self._gathered.acquire()
+        self._next = 0
+        self.syncs = 0
+
+    def put(self, item: Any) -> None:
+        me = _RawWaiter(msgpack.packb(item))
+        with self._mu:
+            self._queued.append(me)
+            lead = not self._leading
+            self._leading = True
+            if not lead and self._want and len(self._queued) >= self._want:
+                self._want = 0
+                self._gathered.release()
+        if not lead:
+            me.wake.acquire()  # released once its group is synced, or to hand it the lead
+            if not me.lead:
+                return
+        self._lead(me)
+
+    def _lead(self, me: _RawWaiter) -> None:
+        mu = self._mu
+        with mu:
+            gather = len(self._queued) < self._last_group
+            if gather:
+                self._want = self._last_group
+        if gather:
+            self._gathered.acquire(timeout=self.GATHER_SECONDS)
+            with mu:
+                if self._want:
+                    self._want = 0  # timed out
+                else:
+                    self._gathered.acquire(blocking=False)  # released under _mu: take it back
+        with mu:
+            group, self._queued = self._queued, []
+        parts = []
+        off, now = self._next, time.time_ns()
+        for w in group:
+            body = _BODY.pack(len(w.payload), off, now, 0, 1, 0) + w.payload
+            parts.append(_CRC.pack(crc32c(body)) + body)
+            off += 1
+        self._next = off
+        os.write(self._fd, b"".join(parts))
+        os.fdatasync(self._fd)
+        self.syncs += 1
+        with mu:
+            self._last_group = len(group)
+            successor = self._queued[0] if self._queued else None
+            self._leading = successor is not None
+        for w in group:
+            if w is not me:
+                w.wake.release()
+        if successor is not None:
+            successor.lead = True
+            successor.wake.release()
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+class _RawWaiter:
+    __slots__ = ("payload", "wake", "lead")
+
+    def __init__(self, payload: bytes) -> None:
+        self.payload = payload
+        self.wake = threading.Lock()
+        self.wake.acquire()
+        self.lead = False
+
+
 def scan_file(path: str, start: int = 0) -> int:
     """Walk every record of a raw or pqueue-framed file, checking CRCs; return the count.
 

@@ -132,10 +132,12 @@ def core_text(res: dict[str, Any]) -> str:
     r = res["put_never"]["rates"]
     a = res["put_always"]["rates"]
     gc = res["group_commit"]["rates"]
+    raw_group = (f" (raw group commit: 1 thread {gc['raw_1_threads']:,.0f}/s, 8 threads {gc['raw_8_threads']:,.0f}/s)"
+                 if "raw_8_threads" in gc else "")  # absent from runs before it was measured
     lines += ["", f"Rates (medians): put never {r['pqueue']:,.0f}/s, raw packb {r['raw_packb']:,.0f}/s, raw Packer "
                   f"{r['raw_packer']:,.0f}/s; put always {a['pqueue']:,.0f}/s, raw write+fdatasync "
                   f"{a['raw_fdatasync']:,.0f}/s; always 1 thread {gc['1_threads']:,.0f}/s, 8 threads "
-                  f"{gc['8_threads']:,.0f}/s{_puts_per_sync(res['group_commit'])}.", "",
+                  f"{gc['8_threads']:,.0f}/s{_puts_per_sync(res['group_commit'])}{raw_group}.", "",
               recovery_table(res["recovery"]), "",
               f"cProfile of {res['profile']['puts']:,} puts (fsync never): {res['profile']['us_per_put']:.2f} µs "
               "per put under the profiler", "", "| function | calls | own time | share |", "|---|---:|---:|---:|"]
