@@ -149,7 +149,7 @@ def goal_group_commit(rounds: int, seconds: float, threads: int = 8) -> dict[str
     """pqueue's fsync="always" put from 1 and from `threads` threads, beside the raw group commit.
 
     The raw group commit (rawlog.RawGroupLog) is the same design with nothing else: its own
-    `threads`/1 ratio, measured in the same rounds, is the ceiling of a Python group commit here.
+    `threads`/1 ratio, measured in the same rounds, is the design's ceiling on this machine.
     """
     per_round = []
     many = f"{threads}_threads"

@@ -110,7 +110,6 @@ class RawLog:
         os.close(self._rfd)
 
 
-
 class RawGroupLog:
     """The raw limit of group commit: the least a Python log must do for threads that each
     need their record durable before they go on.
@@ -121,8 +120,8 @@ class RawGroupLog:
     ``fdatasync``, hands the lead to the first thread that queued meanwhile and wakes its
     group. A put returns only after an fdatasync that started after its record was written.
     No lock between processes, no recovery point, no error paths: pqueue's group commit
-    (``pqueue/commit.py``) is this plus those, so this loop's own 8-thread / 1-thread ratio
-    is the most any Python group commit reaches on the machine it runs on.
+    (``pqueue/commit.py``) is this design plus those, so this loop's own 8-thread / 1-thread
+    ratio is the design's ceiling on the machine it runs on.
     """
 
     GATHER_SECONDS = 0.0002  # as pqueue's GATHER_SECONDS

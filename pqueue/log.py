@@ -434,7 +434,7 @@ class Log:
             for w in group:
                 codec, attrs, payload = w.record  # type: ignore[misc]
                 # encode_record() inlined: with many producer threads this loop is serial work
-                # between two fdatasyncs, and a call per record is a tenth of it.
+                # between two fdatasyncs.
                 body = _pack_body(len(payload), offset, now, 0, codec, len(attrs)) + attrs + payload
                 parts.append(_pack_crc(crc32c(body)) + body)
                 w.offset = offset
