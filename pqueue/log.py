@@ -432,11 +432,7 @@ class Log:
             now = _time_ns()
             parts = []
             for w in group:
-                codec, attrs, payload = w.record  # type: ignore[misc]
-                # encode_record() inlined: with many producer threads this loop is serial work
-                # between two fdatasyncs.
-                body = _pack_body(len(payload), offset, now, 0, codec, len(attrs)) + attrs + payload
-                parts.append(_pack_crc(crc32c(body)) + body)
+                parts.append(encode_record(offset, now, *w.record))  # type: ignore[misc]
                 w.offset = offset
                 offset += 1
                 w.seq = seq = seq + 1
